@@ -1,0 +1,114 @@
+"""The `hirm-jax` command: thin wrappers over importable functions.
+
+    hirm-jax erase  --config=configs/sd14_style.py:hirm_s --workdir=DIR [--config.field=value ...]
+    hirm-jax export --workdir=DIR --out=OUT [--format=full|delta|pipeline] [--pipeline=PIPE]
+    hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT
+
+Progress and messages go to stderr; a bad input exits with status 2 and a message that
+names the value and the rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+USAGE = __doc__
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache, so a second run with the same shapes does not compile again.
+    HIRM_JAX_CACHE_DIR overrides the location; set it to "off" to disable."""
+    import jax
+    location = os.environ.get("HIRM_JAX_CACHE_DIR", str(Path.home() / ".cache" / "hirm_jax" / "xla"))
+    if location != "off":
+        jax.config.update("jax_compilation_cache_dir", location)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def erase_main(argv: Sequence[str]) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Erase config file, e.g. configs/sd14_style.py:hirm_s", flag_values=flag_values)
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run folder (resumed when it exists).", flag_values=flag_values)
+    try:
+        flag_values(["hirm-jax erase", *argv])
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"erase: {e}") from e
+    if config_flag.value is None or not workdir_flag.value:
+        raise UsageError("erase needs --config=FILE[:ARG] and --workdir=DIR")
+    enable_compilation_cache()
+    from hirm_jax.train import train_and_evaluate
+    summary = train_and_evaluate(config_flag.value, workdir_flag.value)
+    print(os.path.abspath(workdir_flag.value))
+    return 0 if summary["status"] == "done" else 1
+
+
+def export_main(argv: Sequence[str]) -> int:
+    from hirm_jax import export
+    parser = argparse.ArgumentParser(prog="hirm-jax export", description="Export an erased encoder from a workdir.")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--format", choices=("full", "delta", "pipeline"), default="delta")
+    parser.add_argument("--pipeline", help="diffusers pipeline folder (for --format=pipeline)")
+    args = parser.parse_args(argv)
+    if args.format == "pipeline" and not args.pipeline:
+        raise UsageError("--format=pipeline needs --pipeline=DIR (the base diffusers pipeline folder)")
+    if args.format == "full":
+        out = export.export_full(args.workdir, args.out)
+    elif args.format == "delta":
+        out = export.export_delta(args.workdir, args.out)
+    else:
+        out = export.export_pipeline(args.workdir, args.pipeline, args.out)
+    print(out)
+    return 0
+
+
+def apply_main(argv: Sequence[str]) -> int:
+    from hirm_jax import delta
+    parser = argparse.ArgumentParser(prog="hirm-jax apply", description="Apply a HiRM delta to a base pipeline or encoder folder.")
+    parser.add_argument("--delta", required=True)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    print(delta.apply_delta(args.delta, args.base, args.out))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "erase": erase_main,
+    "export": export_main,
+    "apply": apply_main,
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, file=sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    from hirm_jax.errors import USER_ERRORS
+    try:
+        return COMMANDS[command](rest)
+    except (UsageError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

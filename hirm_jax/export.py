@@ -1,0 +1,199 @@
+"""Export an erase workdir: a full encoder folder, a patched pipeline copy, or a small delta.
+
+    run = load_run("workdirs/vangogh")              # Run(base, erased_params, run)
+    export_full("workdirs/vangogh", "out/text_encoder")             # transformers folder
+    export_delta("workdirs/vangogh", "out/vangogh-delta")           # hirm_delta.safetensors + hirm_config.json
+    export_pipeline("workdirs/vangogh", "sd-v1-4/", "out/sd14-no-vangogh")
+
+Applying a delta (numpy + safetensors; no JAX needed) lives in `hirm_jax.delta` and is
+re-exported here: `apply_delta(delta_dir, base, out_dir)`, `apply_delta_to_pipeline(pipe,
+delta_dir)`, `check_delta(delta_dir, base)`.
+
+The delta holds only the tensors training changed, float32, in canonical Hugging Face
+orientation, keyed `<component>.text_model.encoder.layers.0.self_attn.q_proj.weight`;
+`hirm_config.json` records the method, objective, hyper-parameters, concepts, provenance and
+each replaced BASE tensor's sha256 (see `hirm_jax.delta` for the fingerprint rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+import hirm_jax
+from hirm_jax import provenance
+from hirm_jax.delta import (APPLIED_RECORD, DELTA_CONFIG, DELTA_FORMAT, DELTA_FORMAT_VERSION, DELTA_WEIGHTS,
+                            DeltaError, FingerprintError, _file_sha256, apply_delta, apply_delta_to_pipeline,
+                            base_fingerprints, check_delta, fingerprint, load_delta)
+from hirm_jax.fileio import atomic_dir
+from hirm_jax.layouts import load_text_encoder, save_text_encoder
+from hirm_jax.masking import flatten, unflatten
+from hirm_jax.model import TextEncoder, TextEncoderConfig
+from hirm_jax.weights import expand_table
+
+RUN_FILE = "run.json"
+TRAINED_FILE = "erased_trainable.safetensors"
+
+__all__ = ["Run", "RunError", "load_run", "changed_tensors", "export_full", "export_delta", "export_pipeline",
+           "apply_delta", "apply_delta_to_pipeline", "check_delta", "load_delta", "DeltaError", "FingerprintError",
+           "APPLIED_RECORD"]
+
+
+class RunError(ValueError):
+    """A workdir is missing, unfinished or corrupt."""
+
+
+class Run(NamedTuple):
+    base: TextEncoder  # the base encoder as loaded from run.json's base
+    erased_params: Any  # base params with the trained leaves substituted
+    run: dict  # run.json
+
+
+def _need_erase(workdir: Path, problem: str) -> RunError:
+    return RunError(f"{workdir} is not a finished erase workdir: {problem}; run `hirm-jax erase` first")
+
+
+def load_run(workdir: str | os.PathLike) -> Run:
+    """The base encoder, the erased parameters and run.json of a finished erase workdir."""
+    workdir = Path(workdir)
+    run_path, trained_path = workdir / RUN_FILE, workdir / TRAINED_FILE
+    if not workdir.is_dir():
+        raise _need_erase(workdir, "the folder does not exist")
+    if not run_path.is_file():
+        raise _need_erase(workdir, f"{RUN_FILE} is missing")
+    try:
+        run = json.loads(run_path.read_text())
+        source, component = run["base"]["source"], run["base"].get("component")
+        trainable_paths = run["trainable_paths"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise _need_erase(workdir, f"{RUN_FILE} is corrupt or incomplete ({type(e).__name__}: {e})") from e
+    if not trained_path.is_file():
+        raise _need_erase(workdir, f"{TRAINED_FILE} is missing")
+    try:
+        trained = load_file(str(trained_path))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise _need_erase(workdir, f"{TRAINED_FILE} is unreadable ({e})") from e
+    if sorted(trained) != sorted(trainable_paths):
+        raise _need_erase(workdir, f"{TRAINED_FILE} holds {sorted(trained)} but {RUN_FILE} lists trainable_paths "
+                                   f"{sorted(trainable_paths)}")
+
+    base = load_text_encoder(source, component)
+    recorded = run.get("encoder_config") or {}
+    mismatched = {k: (recorded[k], getattr(base.config, k)) for k in TextEncoderConfig.HF_FIELDS
+                  if k in recorded and recorded[k] != getattr(base.config, k)}
+    if mismatched:
+        raise RunError(f"the base {source!r} (component {component!r}) is not the encoder this run trained: "
+                       f"(run.json, base) differ in {mismatched}")
+    flat = flatten(base.params)
+    for path, value in trained.items():
+        if path not in flat:
+            raise RunError(f"{trained_path} holds {path!r}, which is not a parameter of the base encoder")
+        if tuple(value.shape) != tuple(flat[path].shape):
+            raise RunError(f"{path} in {trained_path} must have the base's shape {tuple(flat[path].shape)} "
+                           f"but has {tuple(value.shape)}")
+    erased = unflatten({**flat, **{p: np.asarray(v, np.float32) for p, v in trained.items()}})
+    return Run(base, erased, run)
+
+
+def changed_tensors(loaded: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{canonical HF key: (base, erased)} (float32, HF orientation) for trained tensors that changed."""
+    flat_base, flat_erased = flatten(loaded.base.params), flatten(loaded.erased_params)
+    trained = set(loaded.run["trainable_paths"])
+    changed = {}
+    for hf_key, path, transform in expand_table(loaded.base.config):
+        joined = "/".join(path)
+        if joined not in trained:
+            continue
+        before = transform.to_hf(np.asarray(flat_base[joined], np.float32))
+        after = transform.to_hf(np.asarray(flat_erased[joined], np.float32))
+        if not np.array_equal(before, after):
+            changed[hf_key] = (before, after)
+    return changed
+
+
+def export_full(workdir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A transformers folder (config.json + model.safetensors, float32) of the erased encoder."""
+    loaded = load_run(workdir)
+    return save_text_encoder(loaded.base, out_dir, params=loaded.erased_params, overwrite=overwrite)
+
+
+def _delta_config(loaded: Run, tensors: dict[str, dict]) -> dict:
+    run = loaded.run
+    return {
+        "format": DELTA_FORMAT,
+        "format_version": DELTA_FORMAT_VERSION,
+        "method": run.get("method", "hirm"),
+        "objective": run.get("objective"),
+        "preservation": run.get("preservation"),
+        "train": run.get("train"),
+        "concepts": run.get("concepts"),
+        "anchors": run.get("anchors"),
+        "concept_type": run.get("concept_type"),
+        "seed": run.get("seed"),
+        "steps": run.get("steps"),
+        "final_loss": run.get("final_loss"),
+        "base": run["base"],
+        "component_name": run.get("component_name", "text_encoder"),
+        "encoder_config": dataclasses.asdict(loaded.base.config),
+        "trained_with": {"hirm_jax_version": run.get("hirm_jax_version"), "git_hash": run.get("git_hash")},
+        "hirm_jax_version": hirm_jax.__version__,
+        "git_hash": provenance.git_hash(),
+        "dtype": "float32",
+        "fingerprint_rule": "sha256 of the tensor's float32 little-endian bytes, Hugging Face orientation; "
+                            "a float16/bfloat16-stored base matches via base_sha256_as_float16/bfloat16",
+        "tensors": tensors,
+    }
+
+
+def _write_delta(loaded: Run, out_dir: Path, overwrite: bool) -> Path:
+    component = loaded.run.get("component_name") or "text_encoder"
+    changed = changed_tensors(loaded)
+    if not changed:
+        raise RunError(f"the erased encoder equals its base in every trained tensor "
+                       f"({len(loaded.run['trainable_paths'])} checked): there is no delta to export")
+    weights = {f"{component}.{key}": after for key, (_, after) in changed.items()}
+    entries = {f"{component}.{key}": {"shape": list(before.shape), **base_fingerprints(before),
+                                      "delta_sha256": fingerprint(after)}
+               for key, (before, after) in changed.items()}
+    config = _delta_config(loaded, entries)
+    metadata = {"format": "pt", "hirm_format": DELTA_FORMAT, "hirm_format_version": str(DELTA_FORMAT_VERSION),
+                "method": str(config["method"]), "concepts": json.dumps(config["concepts"]),
+                "component_name": component, "base_source": str(loaded.run["base"]["source"]),
+                "hirm_jax_version": hirm_jax.__version__}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(weights, str(tmp / DELTA_WEIGHTS), metadata=metadata)
+        config["delta_file_sha256"] = _file_sha256(tmp / DELTA_WEIGHTS)
+        (tmp / DELTA_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def export_delta(workdir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """hirm_delta.safetensors (changed tensors only) + hirm_config.json (see module docstring)."""
+    return _write_delta(load_run(workdir), Path(out_dir), overwrite)
+
+
+def export_pipeline(workdir: str | os.PathLike, pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                    component: Optional[str] = None, overwrite: bool = False) -> Path:
+    """A copy of a diffusers pipeline folder with the erased encoder in run.json's component slot.
+
+    The component keeps its own config.json, key names and storage dtype; only the changed
+    tensors' bytes are rewritten, after checking that the pipeline holds the base this run
+    trained (else FingerprintError). Other files are hard-linked, or copied.
+    """
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise DeltaError(f"pipeline_dir must be a diffusers pipeline folder (with model_index.json) "
+                         f"but {pipeline_dir} is not")
+    loaded = load_run(workdir)
+    if component is not None:
+        loaded = loaded._replace(run={**loaded.run, "component_name": component})
+    with tempfile.TemporaryDirectory(prefix="hirm-delta-") as tmp:
+        delta_dir = _write_delta(loaded, Path(tmp) / "delta", overwrite=False)
+        return apply_delta(delta_dir, pipeline_dir, out_dir, overwrite=overwrite)

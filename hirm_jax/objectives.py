@@ -1,0 +1,75 @@
+"""HiRM objectives as pure functions: where to read the representation, what to push it to.
+
+    rep = read_hook(outputs, "last_mlp_out")                  # [B, T, D]
+    loss = misdirection_loss(rep, target, position_weights)   # 1/T sum_t ||h_t - target_t||^2
+
+Targets (all [T, D] per prompt, position-aligned):
+    hirm_r         c * r_t, r_t a fixed random unit vector per position (seeded)
+    hirm_s         c * frozen(prompt with the concept replaced by its super-category)
+    hirm_s_vector  c * (frozen(prompt) - v), v = mean_pairs frozen(with) - frozen(without)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hirm_jax.config_lib import parse_hook
+
+
+def read_hook(outputs: dict, hook: str) -> jax.Array:
+    """The representation at a named capture point, always [B, T, D] (T = 1 for text_embeds)."""
+    kind, index = parse_hook(hook)
+    if kind == "last_mlp_out":
+        return outputs["mlp_out"][-1]
+    if kind == "last_block_out":
+        return outputs["hidden_states"][-1]
+    if kind == "final_ln":
+        return outputs["last_hidden_state"]
+    if kind == "penultimate":  # what SDXL conditions on
+        return outputs["hidden_states"][-2]
+    if kind == "text_embeds":
+        if outputs["text_embeds"] is None:
+            raise ValueError("hook 'text_embeds' needs an encoder with a projection (projection_dim)")
+        return outputs["text_embeds"][:, None, :]
+    if kind == "mlp_out":
+        return outputs["mlp_out"][index]
+    return outputs["hidden_states"][index + 1]  # block_out:N, the output of block N
+
+
+def position_weights(input_ids: jax.Array, attention_mask: jax.Array, rule: str, hook: str) -> jax.Array:
+    """[B, T] float weights of the token positions the loss covers.
+
+    all_but_bos: every position but 0 (BOS is identical for every prompt; moving it would
+    change every image), including EOS and the padding SD 1.x's UNet attends to.
+    """
+    if parse_hook(hook)[0] == "text_embeds":
+        return jnp.ones((input_ids.shape[0], 1), jnp.float32)
+    weights = jnp.ones(input_ids.shape, jnp.float32)
+    if rule in ("all_but_bos", "non_padding_but_bos"):
+        weights = weights.at[:, 0].set(0.0)
+    if rule == "non_padding_but_bos":
+        weights = weights * attention_mask.astype(jnp.float32)
+    return weights
+
+
+def random_targets(key: jax.Array, length: int, dim: int, distribution: str) -> jax.Array:
+    """[length, dim] random unit vectors, one per position (RMU draws uniform [0, 1) then normalises)."""
+    if distribution == "uniform":
+        vectors = jax.random.uniform(key, (length, dim), jnp.float32)
+    else:
+        vectors = jax.random.normal(key, (length, dim), jnp.float32)
+    return vectors / jnp.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def misdirection_loss(rep: jax.Array, target: jax.Array, weights: jax.Array,
+                      example_weights: jax.Array | None = None) -> jax.Array:
+    """Mean over examples of (1/T) sum_t w_t ||rep_t - target_t||^2, in float32.
+
+    example_weights (0/1 per example) let a padded batch keep a static shape.
+    """
+    sq = jnp.sum(jnp.square(rep.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+    per_example = jnp.sum(sq * weights, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
+    if example_weights is None:
+        return jnp.mean(per_example)
+    return jnp.sum(per_example * example_weights) / jnp.maximum(jnp.sum(example_weights), 1.0)

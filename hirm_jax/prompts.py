@@ -1,0 +1,123 @@
+"""Concepts and the prompts built from them.
+
+A concept list file is TSV, one concept per line: `concept [\t super-category [\t type]]`;
+lines starting with '#' are comments. Every problem is reported with its line number
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hirm_jax.config_lib import CONCEPT_TYPES, ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    name: str
+    anchor: Optional[str]  # the super-category HiRM-S misdirects toward
+    type: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPair:
+    prompt: str  # contains the concept
+    anchor_prompt: Optional[str]  # the same prompt with the concept replaced by its anchor
+    concept: str
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """Non-empty, non-comment lines of a UTF-8 text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def parse_concepts_file(path: str | Path, default_type: str) -> list[Concept]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"concepts_file {path} does not exist")
+    concepts = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if raw.lstrip().startswith("#"):
+            continue
+        if not raw.strip():
+            raise ConfigError(f"{path}:{number}: blank line; every line must name a concept")
+        fields = [f.strip() for f in raw.split("\t")]
+        if len(fields) > 3:
+            raise ConfigError(f"{path}:{number}: expected 'concept[\\tsuper-category[\\ttype]]' but got {len(fields)} columns")
+        name = fields[0]
+        anchor = fields[1] if len(fields) > 1 and fields[1] else None
+        kind = fields[2] if len(fields) > 2 and fields[2] else default_type
+        if kind not in CONCEPT_TYPES:
+            raise ConfigError(f"{path}:{number}: type must be one of {list(CONCEPT_TYPES)} but is {kind!r}")
+        concepts.append((number, Concept(name, anchor, kind)))
+    return _check_concepts(concepts, where=str(path))
+
+
+def concepts_from_config(config) -> list[Concept]:
+    """The concept list of a config (inline `concepts` or `concepts_file`), validated."""
+    if config.concepts_file:
+        concepts = parse_concepts_file(config.concepts_file, config.concept_type)
+    else:
+        anchors = dict(config.super_categories.items())
+        concepts = _check_concepts(
+            [(i, Concept(str(name).strip(), anchors.get(name), config.concept_type))
+             for i, name in enumerate(config.concepts, start=1)], where="config.concepts")
+    if not concepts:
+        raise ConfigError("the concept list is empty: nothing to erase")
+    if config.objective.name == "hirm_s":
+        missing = [c.name for c in concepts if not c.anchor]
+        if missing:
+            raise ConfigError(
+                f"hirm_s needs a super-category for every concept, but {missing} have none "
+                "(set config.super_categories or the second column of concepts_file)")
+    return concepts
+
+
+def _check_concepts(numbered: list[tuple[int, Concept]], where: str) -> list[Concept]:
+    seen: dict[str, int] = {}
+    for number, concept in numbered:
+        if not concept.name:
+            raise ConfigError(f"{where} entry {number}: empty concept name")
+        key = concept.name.lower()
+        if key in seen:
+            raise ConfigError(f"{where} entry {number}: {concept.name!r} duplicates entry {seen[key]}")
+        seen[key] = number
+    return [c for _, c in numbered]
+
+
+def build_prompt_pairs(concepts: Sequence[Concept], templates: Sequence[str]) -> list[PromptPair]:
+    """Every concept in every template, with its anchor substituted in the same template."""
+    return [
+        PromptPair(t.format(c.name), t.format(c.anchor) if c.anchor else None, c.name)
+        for c in concepts for t in templates
+    ]
+
+
+def tokenizer_folder(encoder_path: str | Path, component: Optional[str], tokenizer_path: Optional[str]) -> Path:
+    """Where an encoder's tokenizer lives: explicit path; a pipeline's tokenizer(_2) folder
+    beside the component; or the encoder folder itself."""
+    if tokenizer_path:
+        return Path(tokenizer_path)
+    encoder_path = Path(encoder_path)
+    if encoder_path.is_dir() and component:
+        return encoder_path / ("tokenizer_2" if component == "text_encoder_2" else "tokenizer")
+    if encoder_path.is_dir() and (encoder_path / "vocab.json").is_file():
+        return encoder_path
+    raise ConfigError(
+        f"cannot find a tokenizer for {encoder_path}: set encoder.tokenizer to a folder with "
+        "vocab.json and merges.txt (a single-file checkpoint carries none)")
+
+
+def load_tokenizer(encoder_path: str | Path, component: Optional[str] = None, tokenizer_path: Optional[str] = None):
+    """The encoder's own CLIP tokenizer, through transformers."""
+    from transformers import CLIPTokenizer
+    folder = tokenizer_folder(encoder_path, component, tokenizer_path)
+    if not (folder / "vocab.json").is_file():
+        raise ConfigError(f"tokenizer folder {folder} has no vocab.json")
+    return CLIPTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,112 @@
+"""The CLIP BPE tokenizer, built offline from the vocabulary open_clip_torch ships.
+
+    tokenizer = build_clip_tokenizer()                    # SD 1.x/2.x, SDXL tokenizer: pads with <|endoftext|>
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")     # SDXL tokenizer_2: pads with "!" (id 0)
+    batch = encode_prompts(tokenizer, ["a photo of a cat"])
+    batch["input_ids"]  # [1, 77] int32: 49406 320 1125 539 320 2368 49407 49407 ...
+
+The vocabulary is rebuilt as OpenAI's conversion did (byte symbols, the same with "</w>", the
+48894 merges joined, then <|startoftext|> and <|endoftext|>: 49408 entries), so ids match
+open_clip and the released SD tokenizers for ordinary prompts. transformers 5's tokenizer does
+no ftfy/HTML clean-up, unlike open_clip's.
+
+Prompts longer than `max_length` tokens raise PromptTooLongError: a truncated prompt would
+silently erase (or evaluate) a different concept.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from hirm_jax.fileio import atomic_dir
+
+MAX_LENGTH = 77
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+NUM_MERGES = 49152 - 256 - 2  # 48894: CLIP's vocabulary is 49408 = 2 * 256 + merges + 2 specials
+
+
+class PromptTooLongError(ValueError):
+    """A prompt needs more tokens than the text encoder has positions."""
+
+
+def clip_bpe_path() -> Path:
+    """open_clip's `bpe_simple_vocab_16e6.txt.gz`, found without importing open_clip (which needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the CLIP BPE vocabulary comes from open_clip_torch: "
+                                "pip install --no-deps open_clip_torch")
+    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip_torch is installed but has no {path.name} at {path}")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode symbols."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def clip_vocab_and_merges(bpe_path: Optional[Path] = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    lines = gzip.open(bpe_path or clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]  # line 0 is a version header
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != 49408:
+        raise ValueError(f"the CLIP vocabulary must have 49408 entries but has {len(vocab)} (wrong BPE file?)")
+    return vocab, merges
+
+
+def build_clip_tokenizer(out_dir: Optional[str | os.PathLike] = None, pad_token: str = EOS):
+    """A transformers `CLIPTokenizer` (model_max_length 77), saved to `out_dir` when given.
+
+    pad_token: "<|endoftext|>" for SD 1.x/2.x and SDXL's tokenizer; "!" for SDXL's tokenizer_2.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    if pad_token not in vocab:
+        raise ValueError(f"pad_token must be a single CLIP token but {pad_token!r} is not in the vocabulary")
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, unk_token=EOS, bos_token=BOS, eos_token=EOS,
+                              pad_token=pad_token, model_max_length=MAX_LENGTH)
+    if out_dir is not None:
+        # model_max_length must be in the saved config, or diffusers pads to a huge length.
+        # vocab.json + merges.txt let transformers 4.x's slow CLIPTokenizer read the folder too.
+        with atomic_dir(out_dir) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+            (tmp / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return tokenizer
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
+    """Token ids and attention mask ([N, max_length] int32, padded as the tokenizer pads).
+
+    Raises PromptTooLongError naming the prompt and its token count (with BOS and EOS) when
+    it does not fit, instead of truncating it.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string")
+    prompts = list(prompts)
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, padding=False, verbose=False)["input_ids"]]
+    for prompt, n in zip(prompts, lengths):
+        if n > max_length:
+            raise PromptTooLongError(f"prompt must fit in {max_length} tokens (with <|startoftext|> and "
+                                     f"<|endoftext|>) but has {n}: {prompt!r}")
+    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=False, return_tensors="np")
+    return dict(input_ids=batch["input_ids"].astype(np.int32), attention_mask=batch["attention_mask"].astype(np.int32))

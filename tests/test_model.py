@@ -1,0 +1,128 @@
+"""Parity of the Flax encoder with transformers' PyTorch CLIP text models at real widths.
+
+Random weights at the sizes SD uses: CLIP-L (12 layers, width 768, quick_gelu, vocab 49408)
+and a bigG-shaped tower (width 1280, 20 heads, gelu, projection 1280; 2 of its 32 layers).
+Both pooling rules are covered: legacy eos_token_id == 2 (argmax of ids, SD's configs) and
+first-EOS; the ids are chosen so the two rules pick different tokens.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from hirm_jax.model import TextEncoder, TextEncoderConfig, pooled_positions
+from hirm_jax.weights import hf_to_flax
+
+TOL = 1e-4
+LENGTH = 77
+
+FAMILIES = {
+    "clip_l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu", projection_dim=None),
+    "bigg": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=2, num_attention_heads=20,
+                 hidden_act="gelu", projection_dim=1280),
+}
+# Legacy: SD's configs (pool at argmax(ids)). First-EOS: an eos id that is NOT the largest id,
+# so the rule matters (CLIP's <|endoftext|> is the largest, where both rules agree).
+FIRST_EOS_ID = 1000
+EOS_RULES = {
+    "legacy": dict(bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    "first_eos": dict(bos_token_id=49406, eos_token_id=FIRST_EOS_ID, pad_token_id=1),
+}
+
+
+def make_batch(config: TextEncoderConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Two right-padded prompts: SD 1.x padding (EOS repeated) and SDXL tokenizer_2 padding (0)."""
+    # Under the legacy rule the end token in the ids is still CLIP's <|endoftext|>.
+    eos_id = 49407 if config.eos_token_id == 2 else config.eos_token_id
+    rng = np.random.default_rng(0)
+    ids = np.zeros((2, LENGTH), np.int32)
+    lengths = (9, 30)
+    for row, (n, pad) in enumerate(zip(lengths, (eos_id, 0))):
+        ids[row, 0] = 49406
+        ids[row, 1:n + 1] = rng.integers(FIRST_EOS_ID + 1, 49406, n)  # larger than FIRST_EOS_ID
+        ids[row, n + 1] = eos_id
+        ids[row, n + 2:] = pad
+    mask = (np.arange(LENGTH)[None] <= np.array(lengths)[:, None] + 1).astype(np.int32)
+    return ids, mask
+
+
+def hf_model(family: str, rule: str):
+    torch.manual_seed(0)
+    kw = {**FAMILIES[family], **EOS_RULES[rule]}
+    projection = kw.pop("projection_dim")
+    hf_config = CLIPTextConfig(projection_dim=projection or 768, **kw)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model = cls(hf_config).eval()
+    return model, TextEncoderConfig.from_hf_dict(hf_config.to_dict(), has_projection=bool(projection))
+
+
+def torch_outputs(model, ids, mask) -> dict:
+    with torch.no_grad():
+        out = model(torch.tensor(ids, dtype=torch.long),
+                    attention_mask=None if mask is None else torch.tensor(mask), output_hidden_states=True)
+    result = dict(last_hidden_state=out.last_hidden_state.numpy(),
+                  hidden_states=[h.numpy() for h in out.hidden_states])
+    if isinstance(model, CLIPTextModelWithProjection):
+        result["text_embeds"] = out.text_embeds.numpy()
+        # CLIPTextModelWithProjection does not return the pooled state; recompute it by HF's rule.
+        rows = np.arange(len(ids))
+        cfg = model.config
+        pos = ids.argmax(-1) if cfg.eos_token_id == 2 else (ids == cfg.eos_token_id).argmax(-1)
+        result["pooled_output"] = result["last_hidden_state"][rows, pos]
+    else:
+        result["pooled_output"] = out.pooler_output.numpy()
+    return result
+
+
+@pytest.mark.parametrize("rule", sorted(EOS_RULES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_parity_with_transformers(family, rule):
+    model, config = hf_model(family, rule)
+    params = hf_to_flax({k: v.numpy() for k, v in model.state_dict().items()}, config)
+    encoder = TextEncoder(config, params)
+    ids, mask = make_batch(config)
+    if rule == "first_eos":  # the ids make the two rules disagree, so this test pins the rule down
+        assert not np.array_equal(pooled_positions(ids, 2), pooled_positions(ids, config.eos_token_id))
+    apply = jax.jit(encoder.apply)
+    for attention_mask in (None, mask):
+        want = torch_outputs(model, ids, attention_mask)
+        got = apply(params, ids, attention_mask)
+        assert len(got["hidden_states"]) == len(want["hidden_states"]) == config.num_hidden_layers + 1
+        for i, (g, w) in enumerate(zip(got["hidden_states"], want["hidden_states"])):
+            np.testing.assert_allclose(np.asarray(g), w, atol=TOL, rtol=0, err_msg=f"hidden_states[{i}]")
+        for name in ("last_hidden_state", "pooled_output") + (("text_embeds",) if config.projection_dim else ()):
+            np.testing.assert_allclose(np.asarray(got[name]), want[name], atol=TOL, rtol=0, err_msg=name)
+        if not config.projection_dim:
+            assert got["text_embeds"] is None
+
+
+def test_padding_mask_changes_padded_positions_only():
+    """A right-padding mask leaves real tokens alone (causal attention never sees the padding)."""
+    config = TextEncoderConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=2)
+    encoder = TextEncoder.init(config, seed=1)
+    ids, mask = make_batch(config)
+    plain = encoder.apply(encoder.params, ids)["last_hidden_state"]
+    masked = encoder.apply(encoder.params, ids, mask)["last_hidden_state"]
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(plain)[real], np.asarray(masked)[real], atol=1e-6)
+    assert np.abs(np.asarray(plain)[~real] - np.asarray(masked)[~real]).max() > 1e-4
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    config = TextEncoderConfig(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                               num_attention_heads=2, projection_dim=64, hidden_act="gelu")
+    f32 = TextEncoder.init(config, seed=0)
+    bf16 = TextEncoder(config.replace(dtype="bfloat16"), f32.params)
+    ids, mask = make_batch(config)
+    want = jax.jit(f32.apply)(f32.params, ids, mask)
+    got = jax.jit(bf16.apply)(bf16.params, ids, mask)
+    assert got["last_hidden_state"].dtype == jax.numpy.bfloat16
+    for name in ("last_hidden_state", "pooled_output", "text_embeds"):
+        w, g = np.asarray(want[name]), np.asarray(got[name], np.float32)
+        assert np.isfinite(g).all(), name
+        # bf16 keeps 8 bits of mantissa: relative error of a few 1e-3 per op, loosely bounded here.
+        assert np.abs(g - w).max() <= 0.05 * np.abs(w).max() + 1e-2, name
