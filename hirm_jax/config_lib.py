@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.checkpoints_to_keep = 2
 
+    # Device mesh (see hirm_jax/sharding.py). concept = 0: as many devices as there are
+    # independent jobs (a divisor of the device count); data takes the rest.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.concept = 0
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+
     c.report = ml_collections.ConfigDict()
     c.report.enabled = True
     c.report.paraphrases_file = ""

@@ -367,6 +367,8 @@ def apply_delta(delta_dir: str | os.PathLike, base: str | os.PathLike, out_dir: 
     place only when complete. Returns `out_dir`, which also holds `hirm_applied.json`.
     """
     base, out_dir = Path(base), Path(out_dir)
+    if out_dir.resolve() == base.resolve() or base.resolve() in out_dir.resolve().parents:
+        raise DeltaError(f"out_dir must be a new folder outside the base, but {out_dir} is inside {base}")
     delta = load_delta(delta_dir)
     is_pipeline, folders = _resolve_targets(delta, base, component)
     patches = [p for c, folder in folders.items() for p in _plan_component(delta, c, folder)]

@@ -84,6 +84,9 @@ def load_run(workdir: str | os.PathLike) -> Run:
         raise _need_erase(workdir, f"{TRAINED_FILE} holds {sorted(trained)} but {RUN_FILE} lists trainable_paths "
                                    f"{sorted(trainable_paths)}")
 
+    if not Path(source).exists():
+        raise RunError(f"the base encoder {source!r} recorded in {run_path} does not exist here "
+                       "(a relative path is relative to where `hirm-jax erase` ran)")
     base = load_text_encoder(source, component)
     recorded = run.get("encoder_config") or {}
     mismatched = {k: (recorded[k], getattr(base.config, k)) for k in TextEncoderConfig.HF_FIELDS

@@ -64,7 +64,10 @@ def tiny_tokenizer(out_dir: Optional[Path] = None, pad_token: str = EOS):
     tok = CLIPTokenizer(vocab=_tiny_vocab(), merges=list(_MERGES), unk_token=EOS, bos_token=BOS,
                         eos_token=EOS, pad_token=pad_token, model_max_length=77)
     if out_dir is not None:
+        # transformers 5 writes only tokenizer.json; released SD folders also carry these two.
         tok.save_pretrained(str(out_dir))
+        (Path(out_dir) / "vocab.json").write_text(json.dumps(_tiny_vocab(), ensure_ascii=False))
+        (Path(out_dir) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES))
     return tok
 
 

@@ -235,3 +235,51 @@ def test_apply_delta_needs_neither_jax_nor_torch(world):
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(load_file(str(world.tmp / "nojax" / "model.safetensors"))[
         "text_model.encoder.layers.0.mlp.fc2.weight"], _state(world.full32)["text_model.encoder.layers.0.mlp.fc2.weight"])
+
+
+def test_sharded_symlinked_and_variant_checkpoints_are_all_patched(world, tmp_path):
+    """A Hugging Face cache snapshot: files are symlinks; text_encoder is sharded and has an fp16 variant."""
+    from safetensors.numpy import save_file
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    for path in world.pipe32.rglob("*"):
+        if path.is_file() and "text_encoder" not in path.parts:
+            target = snap / path.relative_to(world.pipe32)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, blobs / path.name)
+            target.symlink_to(blobs / path.name)
+    encoder_dir = snap / "text_encoder"
+    encoder_dir.mkdir()
+    shutil.copy(world.enc32 / "config.json", encoder_dir / "config.json")
+    state = _state(world.enc32)
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(blobs / shard))
+        (encoder_dir / shard).symlink_to(blobs / shard)
+    (encoder_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    save_file({k.removeprefix("text_model."): v.astype(np.float16) for k, v in state.items()},
+              str(encoder_dir / "model.fp16.safetensors"))
+
+    out = export.apply_delta(world.delta32, snap, tmp_path / "out")
+    record = json.loads((out / "hirm_applied.json").read_text())
+    num_tensors = len(json.loads((world.delta32 / "hirm_config.json").read_text())["tensors"])
+    assert len(record["patched"]) == 2 * num_tensors
+    expected = _state(world.full32)
+    merged = {}
+    for shard in shards:
+        merged.update(load_file(str(out / "text_encoder" / shard)))
+        assert not (out / "text_encoder" / shard).is_symlink()
+    for key, value in merged.items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    variant = canonical_hf_state(load_file(str(out / "text_encoder" / "model.fp16.safetensors")))
+    for key, value in variant.items():
+        np.testing.assert_array_equal(value, expected[key].astype(np.float16), err_msg=key)
+    assert os.path.samefile(out / "unet/diffusion_pytorch_model.safetensors", blobs / "diffusion_pytorch_model.safetensors")
+    for shard, keys in shards.items():  # the base's blobs are untouched
+        untouched = load_file(str(blobs / shard))
+        assert all(np.array_equal(untouched[k], state[k]) for k in keys)
+    with pytest.raises(export.DeltaError, match="outside the base"):
+        export.apply_delta(world.delta32, snap, snap / "inside")

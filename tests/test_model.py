@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from hirm_jax.model import TextEncoder, TextEncoderConfig, pooled_positions
+from hirm_jax.model import CLIPTextTransformer, TextEncoder, TextEncoderConfig, pooled_positions
 from hirm_jax.weights import hf_to_flax
 
 TOL = 1e-4
@@ -49,14 +49,26 @@ def make_batch(config: TextEncoderConfig) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def hf_model(family: str, rule: str):
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request):
+    """(family, PyTorch model, legacy-rule config, Flax params): built once per family."""
     torch.manual_seed(0)
-    kw = {**FAMILIES[family], **EOS_RULES[rule]}
+    kw = {**FAMILIES[request.param], **EOS_RULES["legacy"]}
     projection = kw.pop("projection_dim")
     hf_config = CLIPTextConfig(projection_dim=projection or 768, **kw)
-    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-    model = cls(hf_config).eval()
-    return model, TextEncoderConfig.from_hf_dict(hf_config.to_dict(), has_projection=bool(projection))
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(hf_config).eval()
+    config = TextEncoderConfig.from_hf_dict(hf_config.to_dict(), has_projection=bool(projection))
+    params = hf_to_flax({k: v.numpy() for k, v in model.state_dict().items()}, config)
+    return request.param, model, config, params
+
+
+def with_rule(model, config: TextEncoderConfig, rule: str):
+    """Both sides switched to one pooling rule (the weights do not depend on it)."""
+    config = config.replace(**EOS_RULES[rule])
+    # transformers reads the rule from the attribute CLIPTextModel copies out of its config.
+    text_model = getattr(model, "text_model", model)
+    text_model.eos_token_id = model.config.eos_token_id = config.eos_token_id
+    return config
 
 
 def torch_outputs(model, ids, mask) -> dict:
@@ -78,10 +90,9 @@ def torch_outputs(model, ids, mask) -> dict:
 
 
 @pytest.mark.parametrize("rule", sorted(EOS_RULES))
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_parity_with_transformers(family, rule):
-    model, config = hf_model(family, rule)
-    params = hf_to_flax({k: v.numpy() for k, v in model.state_dict().items()}, config)
+def test_parity_with_transformers(family_model, rule):
+    family, model, config, params = family_model
+    config = with_rule(model, config, rule)
     encoder = TextEncoder(config, params)
     ids, mask = make_batch(config)
     if rule == "first_eos":  # the ids make the two rules disagree, so this test pins the rule down
@@ -99,14 +110,20 @@ def test_parity_with_transformers(family, rule):
             assert got["text_embeds"] is None
 
 
+def jit_init(config: TextEncoderConfig, seed: int) -> TextEncoder:
+    ids = jax.numpy.zeros((1, LENGTH), jax.numpy.int32)
+    return TextEncoder(config, jax.jit(CLIPTextTransformer(config).init)(jax.random.key(seed), ids)["params"])
+
+
 def test_padding_mask_changes_padded_positions_only():
     """A right-padding mask leaves real tokens alone (causal attention never sees the padding)."""
     config = TextEncoderConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=2)
-    encoder = TextEncoder.init(config, seed=1)
+    encoder = jit_init(config, seed=1)
     ids, mask = make_batch(config)
-    plain = encoder.apply(encoder.params, ids)["last_hidden_state"]
-    masked = encoder.apply(encoder.params, ids, mask)["last_hidden_state"]
+    apply = jax.jit(encoder.apply)
+    plain = apply(encoder.params, ids)["last_hidden_state"]
+    masked = apply(encoder.params, ids, mask)["last_hidden_state"]
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(plain)[real], np.asarray(masked)[real], atol=1e-6)
     assert np.abs(np.asarray(plain)[~real] - np.asarray(masked)[~real]).max() > 1e-4
@@ -115,7 +132,7 @@ def test_padding_mask_changes_padded_positions_only():
 def test_bfloat16_compute_stays_close_to_float32():
     config = TextEncoderConfig(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                num_attention_heads=2, projection_dim=64, hidden_act="gelu")
-    f32 = TextEncoder.init(config, seed=0)
+    f32 = jit_init(config, seed=0)
     bf16 = TextEncoder(config.replace(dtype="bfloat16"), f32.params)
     ids, mask = make_batch(config)
     want = jax.jit(f32.apply)(f32.params, ids, mask)

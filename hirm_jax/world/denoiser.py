@@ -25,11 +25,11 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(64, 128, 128),
+    block_out_channels=(32, 64, 96),
     layers_per_block=1,
     cross_attention_dim=128,
-    attention_head_dim=4,
-    norm_num_groups=16,
+    attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
+    norm_num_groups=8,
 )
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                         prediction_type="v_prediction", clip_sample=False)
@@ -117,7 +117,7 @@ def sample_images(unet, scheduler: DDIMScheduler, cond: torch.Tensor, uncond: to
 
 
 def train_denoiser(embed, seed: int = 0, steps: int = 4000, batch: int = 64, lr: float = 1e-3,
-                   pool_size: int = 12000, ema_decay: float = 0.999, empty_prob: float = 0.1,
+                   pool_size: int = 12000, ema_decay: float = 0.998, empty_prob: float = 0.1,
                    checkpoint=None, checkpoint_every: int = 250, log_every: int = 25, unet_overrides=None):
     """Train the UNet; returns (EMA UNet, metrics).
 
@@ -147,8 +147,9 @@ def train_denoiser(embed, seed: int = 0, steps: int = 4000, batch: int = 64, lr:
     unet = build_unet(**(unet_overrides or {}))
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    # Constant after warm-up, so any EMA checkpoint along the way is a usable model.
     warmup = 200
-    lr_at = lambda step: lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(step, steps) / steps)))
+    lr_at = lambda step: lr * min(1.0, step / warmup)
     sched = train_scheduler()
     gen = torch.Generator().manual_seed(seed)
     start = 0

@@ -153,3 +153,27 @@ def zero_shot_accuracy(encoder, tower, tower_params, tokenizer, seed, n=1000):
     pred_style = np.array([cells[b][1] for b in best])
     return {"object_accuracy": float((pred_obj == batch.objects).mean()),
             "style_accuracy": float((pred_style == batch.styles).mean())}
+
+
+def save_half(encoder: TextEncoder, out_dir, overwrite: bool = False) -> TextEncoder:
+    """Save as a transformers folder with float16 storage (half the bytes; config says float32).
+
+    The weights are rounded to float16 first and the rounded encoder is returned, so whatever
+    is trained on its outputs (the denoiser) sees exactly what a user loading the folder gets:
+    `CLIPTextModel.from_pretrained(out_dir)` gives float32 weights holding the same values.
+    """
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+
+    from hirm_jax.layouts import WEIGHTS_NAME, save_text_encoder
+
+    rounded = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float16).astype(np.float32), encoder.params)
+    encoder = TextEncoder(encoder.config, rounded)
+    save_text_encoder(encoder, out_dir, overwrite=overwrite)
+    path = Path(out_dir) / WEIGHTS_NAME
+    state = {k: v.astype(np.float16) for k, v in load_file(str(path)).items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return encoder

@@ -1,0 +1,137 @@
+"""The erasure problem as arrays: prompts, token weights and misdirection targets, per job.
+
+A job is one trainable copy of the early blocks: with `joint=True` all concepts form one job
+(one encoder erases them all); with `joint=False` each concept is its own job (its own
+independent delta), and the jobs are stacked on a leading axis and trained in one vmapped
+step. Frozen targets are computed here ONCE, before training.
+
+    jobs = build_jobs(config, encoder, tokenizer, concepts)
+    jobs.per_job["targets"]["last_mlp_out"]    # [J, K, T, D]
+    jobs.shared["retain_ids"]                  # [R, T] (preservation, when enabled)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable
+
+import jax
+import numpy as np
+
+from hirm_jax import config_lib, objectives, prompts
+from hirm_jax.model import TextEncoder
+from hirm_jax.tokenizer import encode_prompts
+
+ENCODE_CHUNK = 64
+
+
+@dataclasses.dataclass
+class Jobs:
+    concepts: list  # [J] lists of prompts.Concept
+    prompt_pairs: list  # [J] lists of prompts.PromptPair (K each)
+    per_job: dict  # arrays with leading [J, K]
+    shared: dict  # arrays shared by every job (preservation prompts and their targets)
+
+    @property
+    def num_jobs(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def prompts_per_job(self) -> int:
+        return len(self.prompt_pairs[0])
+
+
+def make_encode_fn(encoder: TextEncoder, hooks, use_attention_mask: bool) -> Callable:
+    """jitted (params, ids, mask) -> {hook: [B, T', D]}."""
+    def encode(params, ids, mask):
+        out = encoder.apply(params, ids, mask if use_attention_mask else None)
+        return {h: objectives.read_hook(out, h) for h in hooks}
+    return jax.jit(encode)
+
+
+def encode_in_chunks(encode_fn, params, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Encode any number of prompts with at most two compiled shapes (the last chunk is padded)."""
+    results: dict[str, list] = {}
+    for start in range(0, len(ids), ENCODE_CHUNK):
+        chunk_ids, chunk_mask = ids[start:start + ENCODE_CHUNK], mask[start:start + ENCODE_CHUNK]
+        n = len(chunk_ids)
+        pad = ENCODE_CHUNK - n if len(ids) > ENCODE_CHUNK else 0
+        if pad:
+            chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], pad, 0)])
+            chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], pad, 0)])
+        for hook, value in encode_fn(params, chunk_ids, chunk_mask).items():
+            results.setdefault(hook, []).append(np.asarray(value)[:n])
+    return {h: np.concatenate(v) for h, v in results.items()}
+
+
+def tokenize(tokenizer, texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = encode_prompts(tokenizer, texts, max_length=max_length)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def concept_key(seed: int, name: str) -> jax.Array:
+    """A PRNG key that depends on (seed, name) only, so a concept's random targets are the
+    same whether it is erased alone or among a thousand."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF)
+
+
+def concept_vector(config, tokenizer, encode_fn, params, max_length: int) -> dict[str, np.ndarray]:
+    """Ring-A-Bell-style empirical concept vector per hook: mean over paired prompts of
+    frozen(with concept) - frozen(without), per position ([T', D])."""
+    path = config.objective.vector_pairs_file
+    rows = [line.split("\t") for line in prompts.read_lines(path, "objective.vector_pairs_file")]
+    rows = [r for r in rows if r != ["with_concept", "without_concept"]]
+    bad = [i for i, r in enumerate(rows, 1) if len(r) != 2]
+    if bad or not rows:
+        raise config_lib.ConfigError(f"{path}: every row must hold 2 tab-separated prompts; rows {bad[:5]} do not")
+    with_reps = encode_in_chunks(encode_fn, params, *tokenize(tokenizer, [r[0] for r in rows], max_length))
+    without_reps = encode_in_chunks(encode_fn, params, *tokenize(tokenizer, [r[1] for r in rows], max_length))
+    return {h: (with_reps[h] - without_reps[h]).mean(0) for h in with_reps}
+
+
+def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
+    obj = config.objective
+    hooks = tuple(obj.hooks)
+    max_length = encoder.config.max_position_embeddings
+    encode_fn = make_encode_fn(encoder, hooks, config.encoder.use_attention_mask)
+    groups = [list(concepts)] if config.joint else [[c] for c in concepts]
+    pairs_per_job = [prompts.build_prompt_pairs(group, config.templates) for group in groups]
+    pairs = [p for job in pairs_per_job for p in job]
+    ids, mask = tokenize(tokenizer, [p.prompt for p in pairs], max_length)
+
+    if obj.name == "hirm_r":
+        targets = {}
+        for hook in hooks:
+            length = 1 if hook == "text_embeds" else max_length
+            dim = encoder.config.projection_dim if hook == "text_embeds" else encoder.config.hidden_size
+            by_concept = {c.name: np.asarray(objectives.random_targets(
+                concept_key(config.train.seed, f"{c.name}|{hook}"), length, dim, obj.random_distribution))
+                for c in concepts}
+            targets[hook] = np.stack([by_concept[p.concept] for p in pairs])
+    elif obj.name == "hirm_s":
+        targets = encode_in_chunks(encode_fn, encoder.params,
+                                   *tokenize(tokenizer, [p.anchor_prompt for p in pairs], max_length))
+    else:  # hirm_s_vector
+        vector = concept_vector(config, tokenizer, encode_fn, encoder.params, max_length)
+        frozen = encode_in_chunks(encode_fn, encoder.params, ids, mask)
+        targets = {h: frozen[h] - vector[h] for h in hooks}
+
+    num_jobs, k = len(groups), len(pairs_per_job[0])
+    by_job = lambda x: np.asarray(x).reshape(num_jobs, k, *np.shape(x)[1:])
+    per_job = dict(
+        input_ids=by_job(ids), attention_mask=by_job(mask),
+        targets={h: by_job(targets[h].astype(np.float32) * obj.scale) for h in hooks},
+        weights={h: by_job(objectives.position_weights(ids, mask, obj.token_positions, h)) for h in hooks},
+    )
+    shared = {}
+    if config.preservation.weight > 0:
+        from hirm_jax.resources import data_path  # noqa: PLC0415
+        retain = prompts.read_lines(config.preservation.prompts_file or data_path("ordinary_prompts.txt"),
+                                    "preservation.prompts_file")[: config.preservation.batch_size]
+        r_ids, r_mask = tokenize(tokenizer, retain, max_length)
+        shared = dict(retain_ids=r_ids, retain_mask=r_mask,
+                      retain_targets=encode_in_chunks(encode_fn, encoder.params, r_ids, r_mask),
+                      retain_weights={h: np.asarray(objectives.position_weights(r_ids, r_mask, obj.token_positions, h))
+                                      for h in hooks})
+    return Jobs(groups, pairs_per_job, per_job, shared)

@@ -1,0 +1,117 @@
+"""Devices, mesh and shardings: the only module that knows about devices.
+
+Mesh axes (sizes from config `mesh`, -1 = all remaining devices):
+    concept  independent erasures (one trainable copy each) are split over it
+    data     the prompts of one erasure step are split over it
+    fsdp     frozen parameters too large to replicate are split over it
+
+The same code runs on one CPU, on 8 fake CPU devices, on one GPU and on a pod slice; on a
+multi-process run `initialize_distributed()` connects the processes first (see README).
+Every process builds the same prompts and targets from the config (they are small), and
+`put()` materialises only the shards a process addresses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("concept", "data", "fsdp")
+
+
+def initialize_distributed() -> None:
+    """Connect the processes of a multi-process run (TPU pod slice, several GPU hosts).
+
+    On Cloud TPU and under SLURM/Open MPI, jax finds the coordinator itself; elsewhere set
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single process does nothing.
+    """
+    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+    cluster = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))
+    if not (explicit or cluster) or jax.distributed.is_initialized():
+        return
+    if explicit:
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+
+
+def mesh_shape(mesh_config, num_devices: int, num_jobs: int = 1) -> dict[str, int]:
+    """Axis sizes; concept = 0 picks the largest divisor of the free devices that is <= num_jobs."""
+    sizes = {axis: int(getattr(mesh_config, axis)) for axis in AXES}
+    if sizes["concept"] == 0:
+        rest = num_devices // math.prod(s for a, s in sizes.items() if a != "concept" and s > 0)
+        sizes["concept"] = max(d for d in range(1, rest + 1) if rest % d == 0 and d <= max(num_jobs, 1))
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one mesh axis may be -1 (the remaining devices) but {free} are")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise ValueError(f"mesh axis sizes must be positive or -1 but are {sizes}")
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh {sizes} cannot use {num_devices} devices: {num_devices} is not divisible by {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are available; "
+                         "the product of the axis sizes must equal the device count")
+    return sizes
+
+
+def make_mesh(mesh_config, num_jobs: int = 1, devices: Optional[list] = None) -> Mesh:
+    """A mesh with Auto axes (XLA propagates shardings from the ones we place)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(mesh_config, len(devices), num_jobs)
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                         devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def per_job(mesh: Mesh) -> NamedSharding:
+    """Leading axis = the job (independent erasure) axis, split over `concept`."""
+    return NamedSharding(mesh, P("concept"))
+
+
+def frozen_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Split the largest axis divisible by the fsdp size; replicate what does not divide."""
+    if fsdp == 1 or not shape:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+            return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+    return P()
+
+
+def frozen_shardings(mesh: Mesh, frozen: dict) -> dict:
+    fsdp = mesh.shape["fsdp"]
+    return {k: NamedSharding(mesh, frozen_spec(np.shape(v), fsdp)) for k, v in frozen.items()}
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Place host arrays; each process materialises only the shards it addresses."""
+    def place(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    if isinstance(shardings, NamedSharding):
+        return jax.tree_util.tree_map(lambda x: place(x, shardings), tree)
+    return jax.tree_util.tree_map(place, tree, shardings)
+
+
+def batch_spec(batch_size: int, mesh: Mesh) -> P:
+    """Split a step's prompts over `data` when they divide evenly; otherwise replicate."""
+    return P("data") if mesh.shape["data"] > 1 and batch_size % mesh.shape["data"] == 0 else P()
+
+
+def pad_to_multiple(n: int, mesh: Mesh) -> int:
+    """Jobs are padded to a multiple of the concept axis (padding jobs are masked out)."""
+    size = mesh.shape["concept"]
+    return -(-n // size) * size

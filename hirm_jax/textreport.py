@@ -1,0 +1,335 @@
+"""Text-space report of an erasure: no images, seconds on a CPU.
+
+For the prompts the run trained on ("targets"), held-out paraphrases of the concepts, and
+held-out ordinary prompts, compare the erased encoder's representation h_e at a hook
+(default `last_mlp_out`, what HiRM supervises) with the original encoder's h_o:
+
+    cos_to_target     mean over used positions of cos(h_e_t, misdirection_target_t): did it go where it was sent?
+    cos_to_original   mean over used positions of cos(h_e_t, h_o_t): how much of the original is left?
+    drift             ||h_e - h_o|| / ||h_o|| over the used positions (Frobenius): how far did it move?
+
+A good erasure has high cos_to_target and large drift on targets and paraphrases, and drift
+near 0 on ordinary prompts; `selectivity` = mean target drift / mean ordinary drift.
+
+    report = text_report(base, erased_params, tokenizer, ["Van Gogh"], ordinary, ["a painting by Van Gogh"],
+                         targets=targets, paraphrase_targets=p_targets, out_dir="report/")
+    [report] = report_for_run("workdirs/vangogh")       # everything from the workdir; writes into it
+
+Writes text_report.json (with provenance), text_report.md (a table) and text_report.png
+(drift per prompt set, log scale), each atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from hirm_jax import objectives
+from hirm_jax.fileio import atomic_file, write_json
+from hirm_jax.model import TextEncoder
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "text_report.json", "text_report.md", "text_report.png"
+SETS = ("targets", "paraphrases", "ordinary")
+DEFAULT_PARAPHRASES = {"style": "paraphrase_templates_style.txt", "object": "paraphrase_templates_object.txt"}
+
+
+def _stats(values: Sequence[Optional[float]]) -> Optional[dict]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    a = np.asarray(values, np.float64)
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "min": float(a.min()), "max": float(a.max())}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-position cosine, [N, T]; 0 where either vector is 0."""
+    dot = np.sum(a * b, axis=-1)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.where(norms > 0, dot / np.maximum(norms, 1e-30), 0.0)
+
+
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.sum(values * mask, axis=-1) / np.maximum(mask.sum(-1), 1)
+
+
+def compare_representations(original: np.ndarray, erased: np.ndarray, positions: np.ndarray,
+                            target: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Per-prompt metrics over `positions` ([N, T] bool): drift, cos_to_original and, with a
+    target, cos_to_target (erased) and cos_to_target_before (original, the baseline)."""
+    original, erased = original.astype(np.float64), erased.astype(np.float64)
+    mask = positions.astype(np.float64)
+    diff = np.sqrt(np.sum(np.square(erased - original).sum(-1) * mask, axis=-1))
+    scale = np.sqrt(np.sum(np.square(original).sum(-1) * mask, axis=-1))
+    out = {"drift": diff / np.maximum(scale, 1e-30),
+           "cos_to_original": _masked_mean(_cosine(erased, original), mask)}
+    if target is not None:
+        target = np.broadcast_to(np.asarray(target, np.float64), erased.shape)
+        out["cos_to_target"] = _masked_mean(_cosine(erased, target), mask)
+        out["cos_to_target_before"] = _masked_mean(_cosine(original, target), mask)
+    return out
+
+
+def _sha256_lines(lines: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Sequence[str],
+                ordinary_prompts: Sequence[str], paraphrase_prompts: Sequence[str] = (), *,
+                targets: Optional[np.ndarray] = None, paraphrase_targets: Optional[np.ndarray] = None,
+                hook: str = "last_mlp_out", token_positions: str = "all_but_bos",
+                position_mask: Optional[np.ndarray] = None, use_attention_mask: bool = False,
+                out_dir: Optional[str | os.PathLike] = None, provenance_info: Optional[dict] = None) -> dict:
+    """Compare the erased and the original encoder on three prompt sets; returns the report dict.
+
+    targets / paraphrase_targets: the misdirection target per prompt, [N, T, D] at `hook`, or
+    [T, D] shared by every prompt (HiRM-R's c * r_t); a 2-D `targets` is reused for the
+    paraphrases. Without one, cos_to_target is omitted for that set.
+    token_positions: objectives' rule (all_but_bos, all, non_padding_but_bos);
+    position_mask ([T] bool) overrides it for every set.
+    With out_dir, writes text_report.{json,md,png} there (each file atomically).
+    """
+    from hirm_jax.problem import encode_in_chunks, make_encode_fn, tokenize
+
+    if paraphrase_targets is None and targets is not None and np.ndim(targets) == 2:
+        paraphrase_targets = targets
+    named = [(name, list(prompts), target) for name, prompts, target in (
+        ("targets", target_prompts, targets), ("paraphrases", paraphrase_prompts, paraphrase_targets),
+        ("ordinary", ordinary_prompts, None)) if len(prompts)]
+    for name, prompts, target in named:
+        if target is not None and np.ndim(target) == 3 and len(target) != len(prompts):
+            raise ValueError(f"{name} targets must have one row per prompt ({len(prompts)}) but have {len(target)}")
+    # One pass over all sets: one compiled shape per encoder instead of one per set.
+    everything = [p for _, prompts, _ in named for p in prompts]
+    ids, mask = tokenize(tokenizer, everything, base.config.max_position_embeddings)
+    encode_fn = make_encode_fn(base, (hook,), use_attention_mask)
+    original = encode_in_chunks(encode_fn, base.params, ids, mask)[hook]
+    erased = encode_in_chunks(encode_fn, erased_params, ids, mask)[hook]
+    if position_mask is not None:
+        positions = np.broadcast_to(np.asarray(position_mask, bool), original.shape[:2])
+    else:
+        positions = np.asarray(objectives.position_weights(ids, mask, token_positions, hook)) > 0
+
+    sets: dict[str, Any] = {}
+    start = 0
+    for name, prompts, target in named:
+        rows = slice(start, start + len(prompts))
+        start += len(prompts)
+        per = compare_representations(original[rows], erased[rows], positions[rows], target)
+        sets[name] = {
+            "num_prompts": len(prompts),
+            "prompts_sha256": _sha256_lines(prompts),
+            **{metric: _stats(values.tolist()) for metric, values in per.items()},
+            "per_prompt": [{"prompt": p, **{m: float(v[i]) for m, v in per.items()}} for i, p in enumerate(prompts)],
+        }
+    report = {
+        "hook": hook,
+        "token_positions": "position_mask" if position_mask is not None else token_positions,
+        "use_attention_mask": use_attention_mask,
+        "sets": sets,
+        "selectivity": _selectivity(sets),
+        "metrics": {
+            "drift": "||h_erased - h_original|| / ||h_original|| over the used positions; lower is better on ordinary prompts",
+            "cos_to_original": "mean over used positions of cos(h_erased_t, h_original_t)",
+            "cos_to_target": "mean over used positions of cos(h_erased_t, misdirection_target_t); higher is better",
+            "cos_to_target_before": "the same for h_original: where the representation started",
+            "selectivity": "mean target drift / mean ordinary drift; higher is better",
+        },
+        "provenance": _provenance(provenance_info),
+    }
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+def _selectivity(sets: dict) -> Optional[float]:
+    try:
+        ordinary = sets["ordinary"]["drift"]["mean"]
+        return float(sets["targets"]["drift"]["mean"] / ordinary) if ordinary > 0 else None
+    except KeyError:
+        return None
+
+
+def _provenance(extra: Optional[dict]) -> dict:
+    from hirm_jax import provenance
+    return {**provenance.provenance(), **(extra or {})}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def markdown(report: dict) -> str:
+    fmt = lambda stats, key="mean": "–" if not stats else f"{stats[key]:.4g}"
+    lines = [
+        f"# Text-space report ({report['hook']}, positions: {report['token_positions']})", "",
+        "| prompts | n | drift mean | drift median | drift max | cos to original | cos to target (before) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in SETS:
+        s = report["sets"].get(name)
+        if s:
+            lines.append(f"| {name} | {s['num_prompts']} | {fmt(s['drift'])} | {fmt(s['drift'], 'median')} | "
+                         f"{fmt(s['drift'], 'max')} | {fmt(s['cos_to_original'])} | {fmt(s.get('cos_to_target'))}"
+                         + (f" ({fmt(s['cos_to_target_before'])})" if s.get("cos_to_target") else "") + " |")
+    sel = report.get("selectivity")
+    prov = report["provenance"]
+    lines += ["", f"Selectivity (target drift / ordinary drift): {'–' if sel is None else f'{sel:.4g}'}", "",
+              f"hirm_jax {prov.get('hirm_jax_version')}, git {prov.get('git_hash')}; "
+              "drift = ||h_erased - h_original|| / ||h_original||; cosines averaged over the used positions.", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SETS if n in report["sets"]]
+    data = [[max(p["drift"], 1e-12) for p in report["sets"][n]["per_prompt"]] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.boxplot(data, showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n(n={len(d)})" for n, d in zip(names, data)])
+    ax.set_yscale("log")
+    ax.set_ylabel("relative drift ||h_e - h_o|| / ||h_o||")
+    ax.set_title(f"Representation drift at {report['hook']}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    write_json(out_dir / REPORT_JSON, report)
+    with atomic_file(out_dir / REPORT_MD) as f:
+        f.write(markdown(report))
+    with atomic_file(out_dir / REPORT_PNG, "wb") as f:
+        f.write(plot(report))
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- from a workdir
+
+def _as_template(line: str, concepts) -> tuple[Optional[str], str]:
+    """(concept name or None for every concept, template with one '{}') for a paraphrase line."""
+    if "{}" in line:
+        return None, line
+    for concept in concepts:
+        match = re.search(re.escape(concept.name), line, flags=re.IGNORECASE)
+        if match:
+            escaped = lambda s: s.replace("{", "{{").replace("}", "}}")
+            return concept.name, escaped(line[:match.start()]) + "{}" + escaped(line[match.end():])
+    raise ValueError(f"paraphrase {line!r} names none of the concepts {[c.name for c in concepts]}; "
+                     "write it as a template with '{}' or include a concept's name")
+
+
+def _paraphrase_lines(config) -> list[str]:
+    from hirm_jax import prompts
+    from hirm_jax.resources import data_path
+    if config.report.paraphrases_file:
+        return prompts.read_lines(config.report.paraphrases_file, "report.paraphrases_file")
+    if config.concept_type in DEFAULT_PARAPHRASES:
+        return prompts.read_lines(data_path(DEFAULT_PARAPHRASES[config.concept_type]), "paraphrase templates")
+    if config.concept_type == "nsfw":  # the "with" side of the paired sentences
+        rows = prompts.read_lines(data_path("nudity_pairs.tsv"), "nudity pairs")
+        return [r.split("\t")[0] for r in rows if r != "with_concept\twithout_concept"]
+    return []
+
+
+def _ordinary_lines(config) -> tuple[list[str], bool]:
+    """Ordinary prompts, minus those the preservation term trained on (returns (prompts, excluded_any))."""
+    from hirm_jax import prompts
+    from hirm_jax.resources import data_path
+    shipped = str(data_path("ordinary_prompts.txt"))
+    report_file = config.report.ordinary_prompts_file or shipped
+    lines = prompts.read_lines(report_file, "report.ordinary_prompts_file")
+    retain_file = config.preservation.prompts_file or shipped
+    excluded = config.preservation.weight > 0 and Path(retain_file).resolve() == Path(report_file).resolve()
+    if excluded:
+        lines = lines[config.preservation.batch_size:]
+    return lines[: config.report.max_ordinary_prompts], excluded
+
+
+def _find_config(workdir: Path) -> Path:
+    """config.json of the run: in the workdir, or two levels up for a concepts/<slug> folder."""
+    for folder in (workdir, workdir.parent.parent):
+        if (folder / "config.json").is_file():
+            return folder / "config.json"
+    return workdir / "config.json"
+
+
+def report_for_run(workdir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None) -> list[dict]:
+    """The text report of a finished erase workdir, written into `out_dir` (default: the workdir).
+
+    A joint run gets one report; a run with `joint=False` one per concept folder (listed in
+    index.json), written into each. Targets are rebuilt as training built them
+    (`problem.build_jobs`), for the trained prompts and for each paraphrase (a line with '{}'
+    is a template for every concept; a full prompt is matched to the concept it names).
+    Paraphrases default to the shipped held-out templates for the concept type; ordinary
+    prompts to the shipped list, minus any the preservation term trained on.
+    """
+    workdir = Path(workdir)
+    index = workdir / "index.json"
+    if not (workdir / "run.json").is_file() and index.is_file():
+        folders = json.loads(index.read_text())["concepts"].values()
+        return [_report_one(workdir / folder, None) for folder in folders]
+    return [_report_one(workdir, out_dir)]
+
+
+def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike]) -> dict:
+    import ml_collections
+
+    from hirm_jax import export, prompts
+    from hirm_jax.problem import build_jobs
+
+    loaded = export.load_run(workdir)
+    config_path = _find_config(workdir)
+    try:
+        resolved = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise export.RunError(f"{config_path} is missing or corrupt ({e}); run `hirm-jax erase` first") from e
+    config = ml_collections.ConfigDict(resolved)
+    concepts = [c for c in prompts.concepts_from_config(config) if c.name in loaded.run["concepts"]]
+    tokenizer = prompts.load_tokenizer(config.encoder.path, config.encoder.component or None,
+                                       config.encoder.tokenizer or None)
+    base = TextEncoder(loaded.base.config.replace(dtype=config.encoder.dtype), loaded.base.params)
+    hook = config.objective.hooks[0]
+
+    def targets_for(chosen, templates):
+        """(prompts, [N, T, D] targets) exactly as training builds them (one job, no retain set)."""
+        job_config = ml_collections.ConfigDict({
+            **resolved, "joint": True, "templates": list(templates),
+            "preservation": {**resolved["preservation"], "weight": 0.0}})
+        jobs = build_jobs(job_config, base, tokenizer, chosen)
+        return [p.prompt for p in jobs.prompt_pairs[0]], np.asarray(jobs.per_job["targets"][hook][0])
+
+    target_prompts, targets = targets_for(concepts, config.templates)
+    shared, own = [], {}
+    for line in _paraphrase_lines(config):
+        name, template = _as_template(line, concepts)
+        if name is None:
+            shared.append(template)
+        else:
+            own.setdefault(name, []).append(template)
+    paraphrases, paraphrase_targets = [], []
+    for chosen, templates in ([(concepts, shared)] if shared else []) + [
+            ([c for c in concepts if c.name == name], t) for name, t in own.items()]:
+        p, t = targets_for(chosen, templates)
+        paraphrases += p
+        paraphrase_targets.append(t)
+    ordinary, excluded = _ordinary_lines(config)
+    return text_report(
+        base, loaded.erased_params, tokenizer, target_prompts, ordinary, paraphrases,
+        targets=targets, paraphrase_targets=np.concatenate(paraphrase_targets) if paraphrase_targets else None,
+        hook=hook, token_positions=config.objective.token_positions,
+        use_attention_mask=config.encoder.use_attention_mask, out_dir=out_dir or workdir,
+        provenance_info={"workdir": str(workdir.resolve()), "base": loaded.run["base"],
+                         "concepts": loaded.run.get("concepts"), "objective": loaded.run.get("objective"),
+                         "trained_git_hash": loaded.run.get("git_hash"),
+                         "ordinary_excludes_preservation_prompts": excluded})
