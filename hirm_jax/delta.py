@@ -16,6 +16,7 @@ tensor and both hashes, before anything is written or loaded.
 
     apply_delta("erased-delta/", "stable-diffusion-v1-4/", "sd14-erased/")   # patched copy
     apply_delta_to_pipeline(pipe, "erased-delta/")                          # in memory (torch)
+    python -m hirm_jax.delta --delta erased-delta/ --base sd-v1-4/ --out sd14-erased/   # no JAX needed
 
 On disk, only the changed bytes of the component's safetensors files are rewritten (dtype,
 layout, header and every other tensor stay byte-identical); other files are hard-linked
@@ -250,11 +251,12 @@ class _Patch:
 def _checkpoints(folder: Path) -> list[dict[str, Path]]:
     """Each safetensors checkpoint of a model folder as {tensor name: file}.
 
+    Only transformers' names count (model.safetensors, model-0000i-of-0000n.safetensors).
     A sharded checkpoint is read through its index; variants (model.fp16.safetensors) are
     separate checkpoints and each is patched.
     """
     checkpoints, indexed = [], set()
-    for index in sorted(folder.glob("*.safetensors.index*.json")):
+    for index in sorted(folder.glob("model*.safetensors.index*.json")):
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
@@ -262,7 +264,7 @@ def _checkpoints(folder: Path) -> list[dict[str, Path]]:
         files = {name: folder / shard for name, shard in weight_map.items()}
         checkpoints.append(files)
         indexed.update(p.name for p in files.values())
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in sorted(folder.glob("model*.safetensors")):
         if path.name not in indexed:
             checkpoints.append({name: path for name in _SafetensorsFile.open(path).names()})
     if not checkpoints:

@@ -19,6 +19,7 @@ class Concept:
     name: str
     anchor: Optional[str]  # the super-category HiRM-S misdirects toward
     type: str
+    where: str = ""  # "file:line" or "config.concepts[i]", for error messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ def parse_concepts_file(path: str | Path, default_type: str) -> list[Concept]:
         kind = fields[2] if len(fields) > 2 and fields[2] else default_type
         if kind not in CONCEPT_TYPES:
             raise ConfigError(f"{path}:{number}: type must be one of {list(CONCEPT_TYPES)} but is {kind!r}")
-        concepts.append((number, Concept(name, anchor, kind)))
+        concepts.append((number, Concept(name, anchor, kind, f"{path}:{number}")))
     return _check_concepts(concepts, where=str(path))
 
 
@@ -66,16 +67,16 @@ def concepts_from_config(config) -> list[Concept]:
     else:
         anchors = dict(config.super_categories.items())
         concepts = _check_concepts(
-            [(i, Concept(str(name).strip(), anchors.get(name), config.concept_type))
+            [(i, Concept(str(name).strip(), anchors.get(name), config.concept_type, f"config.concepts[{i - 1}]"))
              for i, name in enumerate(config.concepts, start=1)], where="config.concepts")
     if not concepts:
         raise ConfigError("the concept list is empty: nothing to erase")
     if config.objective.name == "hirm_s":
-        missing = [c.name for c in concepts if not c.anchor]
+        missing = [c for c in concepts if not c.anchor]
         if missing:
             raise ConfigError(
-                f"hirm_s needs a super-category for every concept, but {missing} have none "
-                "(set config.super_categories or the second column of concepts_file)")
+                f"hirm_s needs a super-category for every concept, but {[c.name for c in missing]} "
+                f"({missing[0].where}) have none (set config.super_categories or the second column of concepts_file)")
     return concepts
 
 
@@ -83,12 +84,25 @@ def _check_concepts(numbered: list[tuple[int, Concept]], where: str) -> list[Con
     seen: dict[str, int] = {}
     for number, concept in numbered:
         if not concept.name:
-            raise ConfigError(f"{where} entry {number}: empty concept name")
+            raise ConfigError(f"{concept.where}: empty concept name")
         key = concept.name.lower()
         if key in seen:
-            raise ConfigError(f"{where} entry {number}: {concept.name!r} duplicates entry {seen[key]}")
+            raise ConfigError(f"{concept.where}: {concept.name!r} duplicates entry {seen[key]} of {where} "
+                              "(names are compared case-insensitively)")
         seen[key] = number
     return [c for _, c in numbered]
+
+
+def check_prompt_lengths(concepts: Sequence[Concept], templates: Sequence[str], tokenizer, max_length: int) -> None:
+    """Every prompt (and anchor prompt) fits in max_length tokens, or an error names the concept's line."""
+    from hirm_jax.tokenizer import PromptTooLongError
+    for c in concepts:
+        for text in [t.format(c.name) for t in templates] + ([t.format(c.anchor) for t in templates] if c.anchor else []):
+            n = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+            if n > max_length:
+                raise PromptTooLongError(
+                    f"{c.where}: prompt must fit in {max_length} tokens (with <|startoftext|> and <|endoftext|>) "
+                    f"but has {n}: {text[:80]!r}{'...' if len(text) > 80 else ''}")
 
 
 def build_prompt_pairs(concepts: Sequence[Concept], templates: Sequence[str]) -> list[PromptPair]:

@@ -181,6 +181,7 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     encoder = TextEncoder(encoder.config.replace(dtype=config.encoder.dtype), encoder.params)
     tokenizer = prompts.load_tokenizer(config.encoder.path, config.encoder.component or None,
                                        config.encoder.tokenizer or None)
+    prompts.check_prompt_lengths(concepts, config.templates, tokenizer, encoder.config.max_position_embeddings)
     jobs = build_jobs(config, encoder, tokenizer, concepts)
     mesh = mesh or sharding.make_mesh(config.mesh, num_jobs=jobs.num_jobs)
     num_padded = sharding.pad_to_multiple(jobs.num_jobs, mesh)

@@ -72,12 +72,20 @@ def tiny_tokenizer(out_dir: Optional[Path] = None, pad_token: str = EOS):
 
 
 def tiny_encoder(seed: int = 0, config: TextEncoderConfig = TINY_CONFIG, fp16_exact: bool = True) -> TextEncoder:
-    """Random weights; with fp16_exact every weight is float16-representable (so a float16
-    copy of it is the same encoder bit for bit, as SD's fp16 variants are of fp32 bases)."""
-    encoder = TextEncoder.init(config, seed=seed)
-    params = {p: np.asarray(v, np.float32) for p, v in flatten(encoder.params).items()}
-    if fp16_exact:
-        params = {p: v.astype(np.float16).astype(np.float32) for p, v in params.items()}
+    """Random weights from numpy (no Flax init to compile); with fp16_exact every weight is
+    float16-representable (so a float16 copy is the same encoder bit for bit, as SD's fp16
+    variants are of their fp32 bases)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for path, shape in sorted(flatten(TextEncoder(config, None).param_shapes()).items()):
+        value = rng.standard_normal(shape.shape).astype(np.float32)
+        if path.endswith("/scale"):
+            value = 1.0 + 0.1 * value
+        elif path.endswith("/kernel"):
+            value = value / np.sqrt(shape.shape[0])
+        else:  # biases, embeddings
+            value = 0.02 * value if path.endswith("/bias") else 0.5 * value
+        params[path] = value.astype(np.float16).astype(np.float32) if fp16_exact else value
     return TextEncoder(config, unflatten(params))
 
 

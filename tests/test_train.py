@@ -1,7 +1,6 @@
 """HiRM training: only the early block moves, the loss falls, targets are reached, resume is exact."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,25 +10,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import tiny
-from hirm_jax import masking, objectives, save_text_encoder
+from hirm_jax import masking, objectives
 from hirm_jax.config_lib import ConfigError
 from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.tokenizer import PromptTooLongError, build_clip_tokenizer
+from hirm_jax.tokenizer import PromptTooLongError
 from hirm_jax.train import NonFiniteLossError, init_state, make_loss_fn, make_optimizer, make_train_step, train_and_evaluate
 
 TINY = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    """A tiny random CLIP text encoder folder with a real CLIP tokenizer beside its weights."""
-    root = tmp_path_factory.mktemp("tiny_encoder")
-    tokenizer_dir = root / "tokenizer"
-    build_clip_tokenizer(tokenizer_dir)
-    folder = save_text_encoder(TextEncoder.init(TINY, seed=1), root / "encoder")
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 def tiny_config(encoder_dir, arg="hirm_s", **train):

@@ -1,0 +1,146 @@
+"""The demo world: a tiny, fully offline text-to-image setting in which HiRM can be shown.
+
+Pictures of 32x32 pixels show one object in one style ("a striped heart"); the world ships a
+real CLIP tokenizer, a small CLIPTextModel (the thing HiRM erases), a diffusers UNet conditioned
+on that encoder's 77-token `last_hidden_state` like SD 1.x, a DDIM scheduler, and a judge CNN
+that names the object and style of any picture.
+
+    from hirm_jax import world as w
+    world = w.load_world()                                   # the shipped world
+    images = w.generate(world, prompts=["a striped heart"], seeds=[0])   # [1, 32, 32, 3] uint8
+    images = w.generate(world, erased_encoder, prompts, seeds)           # torch module or folder
+    world.judge.classify(images)["object"]                   # ["heart"]
+
+Class names: w.OBJECTS, w.STYLES (the concepts), w.OBJECT_ANCHOR ("blob") and
+w.STYLE_ANCHOR ("plain") (the neutral super-categories HiRM-S maps onto), w.ALL_OBJECTS /
+w.ALL_STYLES (the judge's classes), w.TRAIN_TEMPLATES / w.HELDOUT_TEMPLATES, w.caption().
+
+Rebuild everything with `hirm-jax world train --out DIR` (see hirm_jax.world.train).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from hirm_jax.world.data import (ALL_OBJECTS, ALL_STYLES, HELDOUT_TEMPLATES, OBJECT_ANCHOR, OBJECTS,
+                                 STYLE_ANCHOR, STYLES, TRAIN_TEMPLATES, caption, render_cell, sample)
+
+SHIPPED = Path(__file__).parent / "shipped"
+WORLD_FORMAT = 1
+# Every file a world folder must hold; world.json records their sha256.
+WORLD_FILES = (
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "judge/judge_config.json", "judge/judge.safetensors",
+)
+REBUILD = "rebuild it with `hirm-jax world train --out DIR` and pass that folder to load_world(DIR)"
+
+
+class WorldError(RuntimeError):
+    """A world folder is missing, incomplete or corrupt."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class World:
+    path: Path
+    config: dict              # world.json
+    tokenizer: Any            # transformers CLIPTokenizer (77 positions, pads with <|endoftext|>)
+    text_encoder_path: Path   # transformers CLIPTextModel folder: load it, erase it, pass it back
+    unet: Any                 # diffusers UNet2DConditionModel (float32, eval)
+    scheduler: Any            # diffusers DDIMScheduler
+    judge: Any                # hirm_jax.world.judge.Judge
+    _text_encoder: Any = None
+
+    @property
+    def text_encoder(self):
+        """The world's own (unerased) PyTorch CLIPTextModel, loaded on first use."""
+        if self._text_encoder is None:
+            from hirm_jax.world.denoiser import load_text_encoder_torch
+            self._text_encoder = load_text_encoder_torch(self.text_encoder_path)
+        return self._text_encoder
+
+
+def _check(path: Path, verify: bool) -> dict:
+    if not path.is_dir():
+        raise WorldError(f"world folder {path} does not exist; {REBUILD}")
+    missing = [name for name in ("world.json",) + WORLD_FILES if not (path / name).is_file()]
+    if missing:
+        raise WorldError(f"world folder {path} is missing {', '.join(missing)}; {REBUILD}")
+    try:
+        config = json.loads((path / "world.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorldError(f"{path / 'world.json'} is not valid JSON ({e}); {REBUILD}") from e
+    if config.get("format") != WORLD_FORMAT:
+        raise WorldError(f"{path} has world format {config.get('format')!r} but this code reads "
+                         f"format {WORLD_FORMAT}; {REBUILD}")
+    if verify:
+        bad = [name for name in WORLD_FILES if sha256(path / name) != config.get("sha256", {}).get(name)]
+        if bad:
+            raise WorldError(f"world folder {path}: {', '.join(bad)} do not match the sha256 recorded "
+                             f"in world.json (corrupt or edited); {REBUILD}")
+    return config
+
+
+def load_world(path: Optional[str | Path] = None, verify: bool = True) -> World:
+    """Load a world folder (default: the one shipped with the package), checking every file."""
+    from transformers import CLIPTokenizer
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    import torch
+
+    from hirm_jax.world.judge import Judge
+
+    path = Path(path) if path is not None else SHIPPED
+    config = _check(path, verify)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=torch.float32).eval()
+        scheduler = DDIMScheduler.from_pretrained(str(path / "scheduler"))
+        judge = Judge.load(path / "judge")
+    except Exception as e:  # a file that passed the checksum but still does not load
+        raise WorldError(f"cannot load the world in {path} ({type(e).__name__}: {e}); {REBUILD}") from e
+    if tokenizer.model_max_length != 77:
+        raise WorldError(f"tokenizer in {path} must have model_max_length 77 but has "
+                         f"{tokenizer.model_max_length}; {REBUILD}")
+    return World(path, config, tokenizer, path / "text_encoder", unet, scheduler, judge)
+
+
+def generate(world: World, text_encoder=None, prompts=(), seeds=(), steps: Optional[int] = None,
+             guidance: Optional[float] = None, batch_size: int = 128):
+    """Pictures [N, 32, 32, 3] uint8, one per (prompt, seed).
+
+    text_encoder: None (the world's own), a PyTorch CLIPTextModel, or a transformers folder
+    (e.g. an erased encoder saved by hirm_jax). The empty prompt for classifier-free guidance
+    goes through the same encoder, as in SD pipelines.
+    """
+    import copy
+
+    from hirm_jax.world.denoiser import embed_prompts, sample_images
+
+    prompts, seeds = list(prompts), list(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed per prompt but got {len(prompts)} prompts and {len(seeds)} seeds")
+    encoder = world.text_encoder if text_encoder is None else text_encoder
+    embeddings = embed_prompts(world.tokenizer, encoder, prompts + [""])
+    steps = steps or world.config["sample_steps"]
+    guidance = world.config["guidance"] if guidance is None else guidance
+    return sample_images(world.unet, copy.deepcopy(world.scheduler), embeddings[:-1], embeddings[-1],
+                         seeds, steps=steps, guidance=guidance, batch_size=batch_size)
+
+
+__all__ = ["ALL_OBJECTS", "ALL_STYLES", "HELDOUT_TEMPLATES", "OBJECT_ANCHOR", "OBJECTS", "STYLE_ANCHOR",
+           "STYLES", "TRAIN_TEMPLATES", "World", "WorldError", "caption", "generate", "load_world",
+           "render_cell", "sample"]

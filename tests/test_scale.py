@@ -1,0 +1,144 @@
+"""Scale-out on 8 fake CPU devices: sharded == single device, batch erasure == solo erasure,
+resume across meshes, and concept lists checked line by line before training."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file
+
+from configs import tiny
+from hirm_jax import masking, sharding
+from hirm_jax.config_lib import ConfigError
+from hirm_jax.layouts import load_text_encoder
+from hirm_jax.tokenizer import PromptTooLongError
+from hirm_jax.train import batch_indices, setup_run, train_and_evaluate
+
+CONCEPTS = ("Van Gogh", "Monet", "Picasso", "Rembrandt", "Hokusai")
+
+
+def config_for(encoder_dir, concepts=("Van Gogh",), joint=True, **mesh):
+    c = tiny.get_config("hirm_s")
+    c.encoder.path = str(encoder_dir)
+    c.concepts = concepts
+    c.super_categories = {name: "painting" for name in concepts}
+    c.joint = joint
+    c.train.epochs = 8
+    c.train.checkpoint_every = 4
+    c.train.log_every = 4
+    for axis, size in mesh.items():
+        setattr(c.mesh, axis, size)
+    return c
+
+
+def mesh_of(devices, concept=1, data=1, fsdp=1):
+    cfg = type("M", (), dict(concept=concept, data=data, fsdp=fsdp))
+    return sharding.make_mesh(cfg, devices=jax.devices()[:devices])
+
+
+def trained(workdir, concept=None):
+    folder = workdir
+    if concept is not None:
+        folder = workdir / json.loads((workdir / "index.json").read_text())["concepts"][concept]
+    return load_file(str(folder / "erased_trainable.safetensors"))
+
+
+# The key bias cannot change attention (softmax ignores a shift shared by a row's logits), so its
+# true gradient is 0 and Adam turns float rounding noise into +-lr steps that differ with the
+# reduction order of each mesh. It is compared through the outputs it cannot affect instead.
+INERT = "self_attn/k_proj/bias"
+
+
+# Adam divides by sqrt(v): a coordinate whose gradient is near rounding level moves by up to
+# lr per step in a direction set by that rounding, so sharded and solo runs agree to a small
+# fraction of lr (1e-3 in the tiny config), not to machine epsilon.
+def assert_close(a, b, tol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        if not k.endswith(INERT):
+            np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol, err_msg=k)
+
+
+def test_data_and_fsdp_parallel_equal_single_device(encoder_dir, tmp_path):
+    # 3 templates x 2 concepts = 6 prompts per step... use 2 templates x 2 concepts = 4, split over data=4
+    config = config_for(encoder_dir, concepts=("Van Gogh", "Monet"))
+    config.templates = ("{}", "a painting by {}")
+    train_and_evaluate(config, tmp_path / "one", mesh=mesh_of(1))
+    train_and_evaluate(config, tmp_path / "dp", mesh=mesh_of(8, data=4, fsdp=2))
+    assert_close(trained(tmp_path / "one"), trained(tmp_path / "dp"))
+
+
+def test_batch_erasure_equals_solo_and_output_shardings(encoder_dir, tmp_path):
+    config = config_for(encoder_dir, CONCEPTS, joint=False)
+    mesh = mesh_of(8, concept=4, data=2)
+    run = setup_run(config, mesh)
+    assert run.jobs.num_jobs == 5 and run.state["bad_step"].shape == (8,)  # 5 jobs padded to 8
+    base_frozen = {k: np.asarray(v) for k, v in run.frozen.items()}
+    state = run.state
+    for step in range(3):
+        state, _ = run.step_fn(state, run.frozen, run.per_job, run.shared,
+                               *batch_indices(step, run.jobs.prompts_per_job, run.batch_size, 0))
+    for leaf in jax.tree_util.tree_leaves(state["trainable"]):
+        assert leaf.sharding.spec == P("concept") and leaf.sharding.mesh.shape["concept"] == 4
+    for k, v in run.frozen.items():  # frozen parameters are bit-identical
+        assert np.asarray(v).tobytes() == base_frozen[k].tobytes(), k
+
+    train_and_evaluate(config, tmp_path / "batch", mesh=mesh)
+    for name in ("Van Gogh", "Hokusai"):
+        train_and_evaluate(config_for(encoder_dir, (name,)), tmp_path / name, mesh=mesh_of(1))
+        assert_close(trained(tmp_path / "batch", name), trained(tmp_path / name))
+    index = json.loads((tmp_path / "batch" / "index.json").read_text())
+    assert sorted(index["concepts"]) == sorted(CONCEPTS)
+    run_json = json.loads((tmp_path / "batch" / index["concepts"]["Monet"] / "run.json").read_text())
+    assert run_json["concepts"] == ["Monet"] and run_json["anchors"] == {"Monet": "painting"}
+
+
+def test_batched_sharded_resume_on_another_mesh(encoder_dir, tmp_path):
+    config = config_for(encoder_dir, CONCEPTS[:3], joint=False)
+    train_and_evaluate(config, tmp_path / "full", mesh=mesh_of(8, concept=4, data=2))
+    first = train_and_evaluate(config, tmp_path / "resumed", stop_after=4, mesh=mesh_of(8, concept=4, data=2))
+    assert first["status"] == "interrupted"
+    train_and_evaluate(config, tmp_path / "resumed", mesh=mesh_of(2, concept=2))  # 3 jobs padded to 4 -> 4
+    for name in CONCEPTS[:3]:
+        a, b = trained(tmp_path / "full", name), trained(tmp_path / "resumed", name)
+        assert_close(a, b, tol=1e-6)
+
+
+def test_frozen_untouched_after_full_run(encoder_dir, tmp_path):
+    config = config_for(encoder_dir, CONCEPTS[:2], joint=False)
+    train_and_evaluate(config, tmp_path / "run", mesh=mesh_of(8, concept=2, data=2, fsdp=2))
+    base = masking.flatten(load_text_encoder(encoder_dir).params)
+    for name in CONCEPTS[:2]:
+        keys = set(trained(tmp_path / "run", name))
+        assert keys and all(k.startswith("encoder/layers/0/") for k in keys)
+        assert keys < set(base)
+
+
+@pytest.mark.parametrize("lines, error, match", [
+    ("Van Gogh\tpainting\n\nMonet\tpainting\n", ConfigError, r":2: blank line"),
+    ("Van Gogh\tpainting\nMonet\tpainting\nvan gogh\tpainting\n", ConfigError, r":3: 'van gogh' duplicates entry 1"),
+    ("Van Gogh\tpainting\nMonet\n", ConfigError, r"\['Monet'\].*:2\) have none"),
+    ("Van Gogh\tpainting\n" + "very " * 80 + "long\tpainting\n", PromptTooLongError, r":2: prompt must fit in 77 tokens"),
+    ("Van Gogh\tpainting\textra\tcolumn\n", ConfigError, r":1: expected"),
+])
+def test_concept_list_errors_name_the_line(encoder_dir, tmp_path, lines, error, match):
+    path = tmp_path / "concepts.tsv"
+    path.write_text(lines)
+    config = config_for(encoder_dir, joint=False)
+    config.concepts = ()
+    config.concepts_file = str(path)
+    with pytest.raises(error, match=match):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mesh_rules():
+    cfg = lambda **k: type("M", (), {**dict(concept=1, data=1, fsdp=1), **k})
+    assert sharding.mesh_shape(cfg(concept=0, data=-1), 8, num_jobs=5) == dict(concept=4, data=2, fsdp=1)
+    assert sharding.mesh_shape(cfg(concept=0, data=-1), 8, num_jobs=1) == dict(concept=1, data=8, fsdp=1)
+    with pytest.raises(ValueError, match="not divisible"):
+        sharding.mesh_shape(cfg(concept=3, data=-1), 8)
+    with pytest.raises(ValueError, match="product of the axis sizes"):
+        sharding.mesh_shape(cfg(concept=2, data=2), 8)
