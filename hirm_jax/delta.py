@@ -443,6 +443,9 @@ def apply_delta_to_pipeline(pipe, delta_dir: str | os.PathLike, component: Optio
                 errors.append(f"{c}.{canonical}: {type(module).__name__} has no parameter {canonical}")
                 continue
             param = state[name]
+            if param.is_meta:
+                raise DeltaError(f"{c}.{canonical} holds no data (a meta tensor): apply the delta before "
+                                 "enable_sequential_cpu_offload() or device_map offloading")
             if tuple(param.shape) != value.shape:
                 errors.append(f"{c}.{canonical} must have shape {value.shape} but has {tuple(param.shape)}")
                 continue

@@ -67,6 +67,13 @@ def load_run(workdir: str | os.PathLike) -> Run:
     if not workdir.is_dir():
         raise _need_erase(workdir, "the folder does not exist")
     if not run_path.is_file():
+        if (workdir / "index.json").is_file():
+            folders = sorted(json.loads((workdir / "index.json").read_text()).get("concepts", {}).values())
+            raise RunError(f"{workdir} holds one erasure per concept (joint=False): export a concept's own "
+                           f"folder, one of {[str(workdir / f) for f in folders]}")
+        if (workdir / "checkpoints").is_dir():
+            raise RunError(f"{workdir} holds an unfinished run (checkpoints but no {RUN_FILE}): rerun "
+                           "`hirm-jax erase` with the same --config and --workdir to resume it")
         raise _need_erase(workdir, f"{RUN_FILE} is missing")
     try:
         run = json.loads(run_path.read_text())

@@ -113,6 +113,10 @@ def build_prompt_pairs(concepts: Sequence[Concept], templates: Sequence[str]) ->
     ]
 
 
+# transformers 5 saves only tokenizer.json; older savers write vocab.json + merges.txt.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
 def tokenizer_folder(encoder_path: str | Path, component: Optional[str], tokenizer_path: Optional[str]) -> Path:
     """Where an encoder's tokenizer lives: explicit path; a pipeline's tokenizer(_2) folder
     beside the component; or the encoder folder itself."""
@@ -121,17 +125,17 @@ def tokenizer_folder(encoder_path: str | Path, component: Optional[str], tokeniz
     encoder_path = Path(encoder_path)
     if encoder_path.is_dir() and component:
         return encoder_path / ("tokenizer_2" if component == "text_encoder_2" else "tokenizer")
-    if encoder_path.is_dir() and (encoder_path / "vocab.json").is_file():
+    if encoder_path.is_dir() and any((encoder_path / f).is_file() for f in TOKENIZER_FILES):
         return encoder_path
     raise ConfigError(
         f"cannot find a tokenizer for {encoder_path}: set encoder.tokenizer to a folder with "
-        "vocab.json and merges.txt (a single-file checkpoint carries none)")
+        "tokenizer.json or vocab.json + merges.txt (a single-file checkpoint carries none)")
 
 
 def load_tokenizer(encoder_path: str | Path, component: Optional[str] = None, tokenizer_path: Optional[str] = None):
     """The encoder's own CLIP tokenizer, through transformers."""
     from transformers import CLIPTokenizer
     folder = tokenizer_folder(encoder_path, component, tokenizer_path)
-    if not (folder / "vocab.json").is_file():
-        raise ConfigError(f"tokenizer folder {folder} has no vocab.json")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"tokenizer folder {folder} has none of {list(TOKENIZER_FILES)}")
     return CLIPTokenizer.from_pretrained(str(folder))

@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     metrics_path = workdir / "metrics.jsonl"
     start = int(state["step"])
     stop = run.total_steps if stop_after is None else min(run.total_steps, start + stop_after)
-    pending, t_train, metrics = [], time.perf_counter(), None
+    pending, t_train, metrics, t_ckpt = [], time.perf_counter(), None, 0.0
     try:
         for step in range(start, stop):
             state, metrics = compiled(state, *args(step))
@@ -255,14 +255,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                 _log(metrics_path, pending, jobs.num_jobs, done, run.total_steps, start, t_train)
                 pending = []
             if at_checkpoint:
+                t_save = time.perf_counter()
                 ckpt.save(done, state, force=True)
+                t_ckpt += time.perf_counter() - t_save
     finally:
+        t_save = time.perf_counter()
         ckpt.close()
+        t_ckpt += time.perf_counter() - t_save
     t_end = time.perf_counter()
     if int(state["step"]) < run.total_steps:
         return dict(status="interrupted", step=int(state["step"]), total_steps=run.total_steps)
 
-    timings = dict(load=t_load - t0, compile=t_compile - t_load, train=t_end - t_train)
+    timings = dict(load=t_load - t0, compile=t_compile - t_load, train=t_end - t_train - t_ckpt, checkpoint=t_ckpt)
     final_losses = np.asarray(jax.device_get(metrics["loss"]))[: jobs.num_jobs] if metrics is not None else None
     summaries = _write_results(run, state, workdir, resolved, timings, final_losses)
     _plot_loss(metrics_path, workdir / "loss.png")
@@ -285,7 +289,7 @@ def _write_results(run: Setup, state, workdir: Path, resolved: dict, timings: di
     config, jobs = run.config, run.jobs
     trainable = jax.device_get(state["trainable"])
     common = dict(
-        base=dict(source=str(config.encoder.path), component=config.encoder.component or None),
+        base=dict(source=_absolute_if_local(config.encoder.path), component=config.encoder.component or None),
         component_name=config.encoder.component or "text_encoder",
         encoder_config=dataclasses.asdict(run.encoder.config),
         concept_type=config.concept_type, objective=resolved["objective"],
@@ -307,6 +311,11 @@ def _write_results(run: Setup, state, workdir: Path, resolved: dict, timings: di
     if not config.joint:
         write_json(workdir / "index.json", dict(concepts=index, **{k: common[k] for k in ("base", "objective", "steps")}))
     return summaries
+
+
+def _absolute_if_local(path: str) -> str:
+    """Local paths are recorded absolute (export runs from anywhere); hub ids as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def _check_workdir(workdir: Path, resolved: dict) -> None:

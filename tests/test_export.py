@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from fixtures_pipelines import (TINY_CONFIG_PROJ, fabricate_workdir, save_encoder_folder, save_sd_pipeline,
-                                tiny_encoder, tiny_sd_pipeline)
+                                tiny_encoder, tiny_sd_pipeline, tiny_tokenizer)
 from hirm_jax import export
 from hirm_jax.delta import fingerprint, round_to
 from hirm_jax.masking import flatten
@@ -215,6 +215,13 @@ def test_text_encoder_2_with_projection(tmp_path):
 def test_load_run_explains_a_missing_or_broken_workdir(world, tmp_path):
     with pytest.raises(export.RunError, match="run `hirm-jax erase` first"):
         export.load_run(tmp_path / "nowhere")
+    per_concept = tmp_path / "per_concept"
+    (per_concept / "checkpoints").mkdir(parents=True)
+    with pytest.raises(export.RunError, match="unfinished run .* to resume"):
+        export.load_run(per_concept)
+    (per_concept / "index.json").write_text(json.dumps({"concepts": {"Van Gogh": "concepts/van_gogh-1234"}}))
+    with pytest.raises(export.RunError, match="joint=False.*concepts/van_gogh-1234"):
+        export.load_run(per_concept)
     broken = tmp_path / "broken"
     shutil.copytree(world.work32, broken)
     (broken / "run.json").write_text("{not json")
@@ -283,3 +290,27 @@ def test_sharded_symlinked_and_variant_checkpoints_are_all_patched(world, tmp_pa
         assert all(np.array_equal(untouched[k], state[k]) for k in keys)
     with pytest.raises(export.DeltaError, match="outside the base"):
         export.apply_delta(world.delta32, snap, snap / "inside")
+
+
+def test_a_real_erase_workdir_exports_and_applies(world, tmp_path):
+    """The trainer's workdir (configs/tiny.py) meets this module's contract end to end."""
+    from hirm_jax.config_lib import base_config
+    from hirm_jax.train import train_and_evaluate
+
+    folder = tmp_path / "enc"
+    shutil.copytree(world.enc32, folder)
+    tiny_tokenizer(out_dir=folder)
+    config = base_config()
+    config.encoder.path, config.encoder.component = str(folder), ""
+    config.concepts, config.super_categories = ("Van Gogh",), {"Van Gogh": "painting"}
+    config.train.learning_rate, config.train.epochs, config.report.enabled = 1e-2, 2, False
+    assert train_and_evaluate(config, tmp_path / "work")["status"] == "done"
+
+    delta = export.export_delta(tmp_path / "work", tmp_path / "delta")
+    keys = set(load_file(str(delta / "hirm_delta.safetensors")))
+    assert keys and all(k.startswith("text_encoder.text_model.encoder.layers.0.") for k in keys)
+    full = export.export_full(tmp_path / "work", tmp_path / "full")
+    applied = export.apply_delta(delta, world.pipe16, tmp_path / "pipe")
+    got = canonical_hf_state(load_file(str(applied / "text_encoder" / "model.safetensors")))
+    for key, value in _state(full).items():
+        np.testing.assert_array_equal(got[key], value.astype(np.float16), err_msg=key)

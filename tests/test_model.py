@@ -130,7 +130,7 @@ def test_padding_mask_changes_padded_positions_only():
 
 
 def test_bfloat16_compute_stays_close_to_float32():
-    config = TextEncoderConfig(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+    config = TextEncoderConfig(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                                num_attention_heads=2, projection_dim=64, hidden_act="gelu")
     f32 = jit_init(config, seed=0)
     bf16 = TextEncoder(config.replace(dtype="bfloat16"), f32.params)

@@ -100,7 +100,8 @@ def test_batched_sharded_resume_on_another_mesh(encoder_dir, tmp_path):
     train_and_evaluate(config, tmp_path / "full", mesh=mesh_of(8, concept=4, data=2))
     first = train_and_evaluate(config, tmp_path / "resumed", stop_after=4, mesh=mesh_of(8, concept=4, data=2))
     assert first["status"] == "interrupted"
-    train_and_evaluate(config, tmp_path / "resumed", mesh=mesh_of(2, concept=2))  # 3 jobs padded to 4 -> 4
+    # saved with 3 jobs padded to 4; resumed on a 3-device concept axis: 3 slots, 4 % 3 != 0
+    train_and_evaluate(config, tmp_path / "resumed", mesh=mesh_of(3, concept=3))
     for name in CONCEPTS[:3]:
         a, b = trained(tmp_path / "full", name), trained(tmp_path / "resumed", name)
         assert_close(a, b, tol=1e-6)
