@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from hirm_jax.layouts import load_text_encoder, save_flax_checkpoint
 from hirm_jax.weights import WeightsError
@@ -28,7 +29,12 @@ def main(argv=None) -> int:
     parser.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin (runs the unpickler)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hirm_jax").setLevel(logging.INFO)
+    if Path(args.out).exists() and not args.overwrite:  # before the (slow) load, not after
+        print(f"error: output folder {args.out} already exists; choose another, remove it or pass --overwrite",
+              file=sys.stderr)
+        return 2
     try:
         encoder = load_text_encoder(args.src, args.component, allow_pickle=args.allow_pickle)
         out = save_flax_checkpoint(encoder, args.out, overwrite=args.overwrite)

@@ -2,7 +2,8 @@
 
     hirm-jax erase  --config=configs/sd14_style.py:hirm_s --workdir=DIR [--config.field=value ...]
     hirm-jax export --workdir=DIR --out=OUT [--format=full|delta|pipeline] [--pipeline=PIPE]
-    hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT
+    hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT [--check]
+    hirm-jax report --workdir=DIR [--out=OUT]      text-space report (also written by erase)
 
 Progress and messages go to stderr; a bad input exits with status 2 and a message that
 names the value and the rule.
@@ -11,6 +12,7 @@ names the value and the rule.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,13 +37,16 @@ def erase_main(argv: Sequence[str]) -> int:
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
+    full_argv = ["hirm-jax erase", *argv]
     config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Erase config file, e.g. configs/sd14_style.py:hirm_s", flag_values=flag_values)
+        "config", None, "Erase config file, e.g. configs/sd14_style.py:hirm_s", flag_values=flag_values,
+        sys_argv=full_argv)
     workdir_flag = flags.DEFINE_string("workdir", None, "Run folder (resumed when it exists).", flag_values=flag_values)
     try:
-        flag_values(["hirm-jax erase", *argv])
+        flag_values(full_argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"erase: {e}") from e
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UsageError(f"erase: {message}") from e
     if config_flag.value is None or not workdir_flag.value:
         raise UsageError("erase needs --config=FILE[:ARG] and --workdir=DIR")
     enable_compilation_cache()
@@ -58,15 +63,18 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--format", choices=("full", "delta", "pipeline"), default="delta")
     parser.add_argument("--pipeline", help="diffusers pipeline folder (for --format=pipeline)")
+    parser.add_argument("--component", help="pipeline component to replace (default: the one trained)")
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.format == "pipeline" and not args.pipeline:
         raise UsageError("--format=pipeline needs --pipeline=DIR (the base diffusers pipeline folder)")
     if args.format == "full":
-        out = export.export_full(args.workdir, args.out)
+        out = export.export_full(args.workdir, args.out, overwrite=args.overwrite)
     elif args.format == "delta":
-        out = export.export_delta(args.workdir, args.out)
+        out = export.export_delta(args.workdir, args.out, overwrite=args.overwrite)
     else:
-        out = export.export_pipeline(args.workdir, args.pipeline, args.out)
+        out = export.export_pipeline(args.workdir, args.pipeline, args.out, component=args.component,
+                                     overwrite=args.overwrite)
     print(out)
     return 0
 
@@ -76,9 +84,28 @@ def apply_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="hirm-jax apply", description="Apply a HiRM delta to a base pipeline or encoder folder.")
     parser.add_argument("--delta", required=True)
     parser.add_argument("--base", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="output folder (not needed with --check)")
+    parser.add_argument("--component", help="pipeline component to patch (default: the delta's)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--check", action="store_true", help="only verify the fingerprints; write nothing")
     args = parser.parse_args(argv)
-    print(delta.apply_delta(args.delta, args.base, args.out))
+    if args.check:
+        print(json.dumps(delta.check_delta(args.delta, args.base, component=args.component), indent=2, sort_keys=True))
+        return 0
+    if not args.out:
+        raise UsageError("apply needs --out=DIR (or --check)")
+    print(delta.apply_delta(args.delta, args.base, args.out, component=args.component, overwrite=args.overwrite))
+    return 0
+
+
+def report_main(argv: Sequence[str]) -> int:
+    from hirm_jax import textreport
+    parser = argparse.ArgumentParser(prog="hirm-jax report", description="Text-space report of an erase workdir.")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", help="output folder (default: the workdir)")
+    args = parser.parse_args(argv)
+    textreport.report_for_run(args.workdir, args.out)
+    print(args.out or args.workdir)
     return 0
 
 
@@ -86,6 +113,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "erase": erase_main,
     "export": export_main,
     "apply": apply_main,
+    "report": report_main,
 }
 
 

@@ -305,9 +305,13 @@ def infer_config(state: dict[str, np.ndarray], hidden_act: str, source: str = "c
 
     vocab_size, width = shape("text_model.embeddings.token_embedding.weight")
     positions = shape("text_model.embeddings.position_embedding.weight")[0]
-    layers = len({int(m.group(1)) for key in state if (m := _HF_BLOCK_INDEX.match(key))})
-    if layers == 0:
+    indices = sorted({int(m.group(1)) for key in state if (m := _HF_BLOCK_INDEX.match(key))})
+    if not indices:
         raise WeightsError(f"cannot infer the architecture of {source}: it has no text_model.encoder.layers.*")
+    if indices != list(range(len(indices))):
+        raise WeightsError(f"cannot infer the architecture of {source}: block indices must run 0..n-1 "
+                           f"but are {indices}")
+    layers = len(indices)
     intermediate = shape("text_model.encoder.layers.0.mlp.fc1.weight")[0]
     if width % HEAD_DIM:
         raise WeightsError(f"cannot infer the number of heads of {source}: width must be a multiple of "

@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from hirm_jax.layouts import load_text_encoder, save_flax_checkpoint, save_text_encoder
 from hirm_jax.weights import WeightsError, canonical_hf_state, hf_to_flax
-from test_weights import assert_same_state, to_openclip
+from tests.test_weights import assert_same_state, to_openclip
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_attention_heads=2,
@@ -132,6 +132,13 @@ def src_sdxl_text_encoder_2(tmp, m):
     return _sdxl(tmp, m), "text_encoder_2", {}, torch_state(m["bigg"]), "gelu"
 
 
+def src_sdxl_refiner(tmp, m):
+    # The refiner has only the OpenCLIP bigG encoder, as embedder 0; diffusers calls it text_encoder_2.
+    openclip = {**to_openclip(torch_state(m["bigg"])), "logit_scale": np.array(4.6, np.float32)}
+    save_file({**_prefixed("conditioner.embedders.0.model.", openclip), **UNET_KEY}, str(tmp / "refiner.safetensors"))
+    return tmp / "refiner.safetensors", None, {}, torch_state(m["bigg"]), "gelu"
+
+
 def src_flax(tmp, m):
     encoder = load_text_encoder(src_transformers_projection(tmp, m)[0])
     save_flax_checkpoint(encoder, tmp / "flax")
@@ -141,7 +148,7 @@ def src_flax(tmp, m):
 SOURCES = {f.__name__.removeprefix("src_"): f for f in (
     src_transformers_flat, src_transformers_projection, src_sharded, src_pipeline_text_encoder,
     src_pipeline_text_encoder_2, src_sd1, src_sd1_ckpt, src_sd2, src_sdxl_text_encoder,
-    src_sdxl_text_encoder_2, src_flax)}
+    src_sdxl_text_encoder_2, src_sdxl_refiner, src_flax)}
 
 
 def assert_same_params(got, want):

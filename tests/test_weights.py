@@ -164,3 +164,10 @@ def test_infer_config_refuses_widths_without_64_wide_heads():
     config = TextEncoderConfig(**{**TINY, "hidden_size": 96, "num_attention_heads": 2})
     with pytest.raises(WeightsError, match="width must be a multiple of 64 but is 96"):
         infer_config(_shapes_only(config), hidden_act="gelu")
+
+
+def test_infer_config_refuses_gaps_in_block_indices():
+    state = random_hf_state(CONFIGS["clip_l_like"])
+    state = {k.replace(".layers.2.", ".layers.5."): v for k, v in state.items()}
+    with pytest.raises(WeightsError, match=r"block indices must run 0..n-1 but are \[0, 1, 5\]"):
+        infer_config(state, hidden_act="quick_gelu")
