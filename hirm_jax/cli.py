@@ -4,6 +4,7 @@
     hirm-jax export --workdir=DIR --out=OUT [--format=full|delta|pipeline] [--pipeline=PIPE]
     hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT [--check]
     hirm-jax report --workdir=DIR [--out=OUT]      text-space report (also written by erase)
+    hirm-jax compare --joint=DIR --independent=DIR --out=OUT   joint erasure vs averaged deltas
 
 Progress and messages go to stderr; a bad input exits with status 2 and a message that
 names the value and the rule.
@@ -109,11 +110,25 @@ def report_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def compare_main(argv: Sequence[str]) -> int:
+    from hirm_jax import compare
+    parser = argparse.ArgumentParser(prog="hirm-jax compare",
+                                     description="Joint multi-concept erasure vs the average of single-concept deltas.")
+    parser.add_argument("--joint", required=True, help="workdir of a joint=True run")
+    parser.add_argument("--independent", required=True, help="workdir of a joint=False run over the same concepts")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    result = compare.compare_joint_vs_average(args.joint, args.independent, args.out)
+    print(json.dumps(result["methods"], indent=2, sort_keys=True))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "erase": erase_main,
     "export": export_main,
     "apply": apply_main,
     "report": report_main,
+    "compare": compare_main,
 }
 
 

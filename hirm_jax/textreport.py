@@ -264,7 +264,8 @@ def _find_config(workdir: Path) -> Path:
     return workdir / "config.json"
 
 
-def report_for_run(workdir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None) -> list[dict]:
+def report_for_run(workdir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
+                   erased_params=None) -> list[dict]:
     """The text report of a finished erase workdir, written into `out_dir` (default: the workdir).
 
     A joint run gets one report; a run with `joint=False` one per concept folder (listed in
@@ -273,16 +274,47 @@ def report_for_run(workdir: str | os.PathLike, out_dir: Optional[str | os.PathLi
     is a template for every concept; a full prompt is matched to the concept it names).
     Paraphrases default to the shipped held-out templates for the concept type; ordinary
     prompts to the shipped list, minus any the preservation term trained on.
+    `erased_params` replaces the run's own erased encoder (e.g. averaged deltas, for comparison).
+    For `joint=False`, text_report_summary.{json,md} at the top compares the concepts in one table.
     """
     workdir = Path(workdir)
     index = workdir / "index.json"
     if not (workdir / "run.json").is_file() and index.is_file():
-        folders = json.loads(index.read_text())["concepts"].values()
-        return [_report_one(workdir / folder, None) for folder in folders]
-    return [_report_one(workdir, out_dir)]
+        concepts = json.loads(index.read_text())["concepts"]
+        reports = [_report_one(workdir / folder, None) for folder in concepts.values()]
+        write_summary(dict(zip(concepts, reports)), out_dir or workdir)
+        return reports
+    return [_report_one(workdir, out_dir, erased_params)]
 
 
-def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike]) -> dict:
+def summary_row(report: dict) -> dict:
+    """The headline numbers of one report (means over prompts)."""
+    sets = report["sets"]
+    mean = lambda name, metric: (sets.get(name, {}).get(metric) or {}).get("mean")
+    return {"cos_to_target": mean("targets", "cos_to_target"), "cos_to_target_before": mean("targets", "cos_to_target_before"),
+            "drift_targets": mean("targets", "drift"), "drift_paraphrases": mean("paraphrases", "drift"),
+            "drift_ordinary": mean("ordinary", "drift"), "selectivity": report.get("selectivity")}
+
+
+def summary_markdown(rows: dict[str, dict], title: str, first_column: str) -> str:
+    columns = ["cos_to_target", "cos_to_target_before", "drift_targets", "drift_paraphrases", "drift_ordinary", "selectivity"]
+    fmt = lambda v: "–" if v is None else f"{v:.4g}"
+    lines = [f"# {title}", "", f"| {first_column} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(row[c]) for c in columns) + " |" for name, row in rows.items()]
+    return "\n".join(lines + [""])
+
+
+def write_summary(reports: dict[str, dict], out_dir: str | os.PathLike) -> dict:
+    """One table for a batch erasure: a row per concept (its own independent delta)."""
+    rows = {name: summary_row(r) for name, r in reports.items()}
+    out_dir = Path(out_dir)
+    write_json(out_dir / "text_report_summary.json", {"concepts": rows, "provenance": _provenance(None)})
+    with atomic_file(out_dir / "text_report_summary.md") as f:
+        f.write(summary_markdown(rows, "Text-space report, one delta per concept", "concept"))
+    return rows
+
+
+def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_params=None) -> dict:
     import ml_collections
 
     from hirm_jax import export, prompts
@@ -325,7 +357,7 @@ def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike]) -> dict:
         paraphrase_targets.append(t)
     ordinary, excluded = _ordinary_lines(config)
     return text_report(
-        base, loaded.erased_params, tokenizer, target_prompts, ordinary, paraphrases,
+        base, loaded.erased_params if erased_params is None else erased_params, tokenizer, target_prompts, ordinary, paraphrases,
         targets=targets, paraphrase_targets=np.concatenate(paraphrase_targets) if paraphrase_targets else None,
         hook=hook, token_positions=config.objective.token_positions,
         use_attention_mask=config.encoder.use_attention_mask, out_dir=out_dir or workdir,

@@ -114,8 +114,8 @@ class Judge:
         return cls(net)
 
 
-def train_judge(seed: int = 0, steps: int = 1500, batch: int = 128, lr: float = 2e-3,
-                pool_size: int = 16000, width: int = 32, log_every: int = 100):
+def train_judge(seed: int = 0, steps: int = 500, batch: int = 128, lr: float = 2e-3,
+                pool_size: int = 8000, width: int = 32, log_every: int = 100):
     """Returns (Judge, metrics) with held-out accuracy on fresh `eval` pictures."""
     t0 = time.time()
     torch.manual_seed(seed)
