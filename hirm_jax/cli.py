@@ -71,6 +71,8 @@ def export_main(argv: Sequence[str]) -> int:
         raise UsageError("--format=pipeline needs --pipeline=DIR (the base diffusers pipeline folder)")
     if args.format == "full":
         out = export.export_full(args.workdir, args.out, overwrite=args.overwrite)
+    elif args.format == "delta" and (Path(args.workdir) / "index.json").is_file():
+        out = export.export_batch_deltas(args.workdir, args.out, overwrite=args.overwrite)
     elif args.format == "delta":
         out = export.export_delta(args.workdir, args.out, overwrite=args.overwrite)
     else:

@@ -60,8 +60,10 @@ def _need_erase(workdir: Path, problem: str) -> RunError:
     return RunError(f"{workdir} is not a finished erase workdir: {problem}; run `hirm-jax erase` first")
 
 
-def load_run(workdir: str | os.PathLike) -> Run:
-    """The base encoder, the erased parameters and run.json of a finished erase workdir."""
+def load_run(workdir: str | os.PathLike, base: Optional[TextEncoder] = None) -> Run:
+    """The base encoder, the erased parameters and run.json of a finished erase workdir.
+
+    `base`: the already-loaded base encoder (saves re-reading it for each concept of a batch)."""
     workdir = Path(workdir)
     run_path, trained_path = workdir / RUN_FILE, workdir / TRAINED_FILE
     if not workdir.is_dir():
@@ -91,10 +93,11 @@ def load_run(workdir: str | os.PathLike) -> Run:
         raise _need_erase(workdir, f"{TRAINED_FILE} holds {sorted(trained)} but {RUN_FILE} lists trainable_paths "
                                    f"{sorted(trainable_paths)}")
 
-    if not Path(source).exists():
-        raise RunError(f"the base encoder {source!r} recorded in {run_path} does not exist here "
-                       "(a relative path is relative to where `hirm-jax erase` ran)")
-    base = load_text_encoder(source, component)
+    if base is None:
+        if not Path(source).exists():
+            raise RunError(f"the base encoder {source!r} recorded in {run_path} does not exist here "
+                           "(a relative path is relative to where `hirm-jax erase` ran)")
+        base = load_text_encoder(source, component)
     recorded = run.get("encoder_config") or {}
     mismatched = {k: (recorded[k], getattr(base.config, k)) for k in TextEncoderConfig.HF_FIELDS
                   if k in recorded and recorded[k] != getattr(base.config, k)}
@@ -187,6 +190,25 @@ def _write_delta(loaded: Run, out_dir: Path, overwrite: bool) -> Path:
 def export_delta(workdir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """hirm_delta.safetensors (changed tensors only) + hirm_config.json (see module docstring)."""
     return _write_delta(load_run(workdir), Path(out_dir), overwrite)
+
+
+def export_batch_deltas(workdir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """One delta per concept of a joint=False workdir, in out_dir/<concept folder>/, plus
+    out_dir/index.json (concept -> delta folder). The base is loaded once."""
+    workdir, out_dir = Path(workdir), Path(out_dir)
+    index_path = workdir / "index.json"
+    if not index_path.is_file():
+        raise _need_erase(workdir, "index.json is missing (not a joint=False run)")
+    concepts = json.loads(index_path.read_text())["concepts"]
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        base = None
+        for folder in concepts.values():
+            loaded = load_run(workdir / folder, base)
+            base = loaded.base
+            _write_delta(loaded, tmp / Path(folder).name, overwrite=False)
+        (tmp / "index.json").write_text(json.dumps(
+            {"concepts": {name: Path(folder).name for name, folder in concepts.items()}}, indent=2, sort_keys=True) + "\n")
+    return out_dir
 
 
 def export_pipeline(workdir: str | os.PathLike, pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -162,3 +162,9 @@ def test_joint_beats_averaged_deltas_and_batch_summary(encoder_dir, tmp_path):
     # Averaging dilutes each concept's update: its prompts stay nearer the original.
     assert joint["cos_to_target"] > averaged["cos_to_target"] > averaged["cos_to_target_before"] - 1e-6
     assert (tmp_path / "compare" / "compare.md").is_file()
+    assert main(["export", f"--workdir={tmp_path / 'independent'}", f"--out={tmp_path / 'deltas'}"]) == 0
+    index = json.loads((tmp_path / "deltas" / "index.json").read_text())["concepts"]
+    assert sorted(index) == sorted(concepts)
+    for name, folder in index.items():
+        config = json.loads((tmp_path / "deltas" / folder / "hirm_config.json").read_text())
+        assert config["concepts"] == [name]
