@@ -26,14 +26,9 @@ NINE_KEYWORDS = ["naked", "nude", "bare", "exposed", "Stripped", "topless", "mal
 
 def build_base(root: Path) -> Path:
     """A random CLIP ViT-L/14 text encoder folder with a real CLIP tokenizer."""
-    from hirm_jax import save_text_encoder
-    from hirm_jax.model import TextEncoder, TextEncoderConfig
-    from hirm_jax.tokenizer import build_clip_tokenizer
-    folder = save_text_encoder(TextEncoder.init(TextEncoderConfig.clip_l(), seed=0), root / "clip_l")
-    build_clip_tokenizer(root / "tok")
-    for f in (root / "tok").iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    from hirm_jax.model import TextEncoderConfig
+    from hirm_jax.testing import random_encoder_folder
+    return random_encoder_folder(root / "clip_l", TextEncoderConfig.clip_l(), seed=0)
 
 
 def jax_erase(base: str, workdir: str, keywords: list[str], epochs: int) -> dict:

@@ -11,21 +11,13 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 
 assert jax.device_count() == 8, f"tests expect 8 fake CPU devices, found {jax.device_count()}"
 
-import shutil  # noqa: E402
-
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory):
     """A tiny random CLIP text encoder folder (3 layers, width 64) with a real CLIP tokenizer."""
-    from hirm_jax import save_text_encoder
-    from hirm_jax.model import TextEncoder, TextEncoderConfig
-    from hirm_jax.tokenizer import build_clip_tokenizer
-    root = tmp_path_factory.mktemp("tiny_encoder")
-    build_clip_tokenizer(root / "tokenizer")
+    from hirm_jax.model import TextEncoderConfig
+    from hirm_jax.testing import random_encoder_folder
     config = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
-    folder = save_text_encoder(TextEncoder.init(config, seed=1), root / "encoder")
-    for f in (root / "tokenizer").iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    return random_encoder_folder(tmp_path_factory.mktemp("tiny_encoder") / "encoder", config, seed=1)

@@ -1,0 +1,123 @@
+"""Batch-erasure throughput: N concepts, each its own delta, in one vmapped step (CLIP-L shapes,
+random weights, HiRM-S, 1 prompt per concept, the paper's 30 style epochs).
+
+    python bench/bench_batch.py [--n 1 8 64] [--devices 1] [--steps 3] [--dtype float32]
+    python bench/bench_batch.py --n 8 --devices 1 8      # single device vs 8 fake CPU devices
+
+Each (N, devices) runs in its own process. Times `--steps` steps (median, after the compiled
+first one) and extrapolates to the full run: seconds per concept = step time x epochs / N.
+Also prints compile time, XLA's memory analysis of the step and the process's peak RSS, and on
+a GPU the model FLOP utilisation against `--peak-tflops`. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hirm_jax.model import TextEncoderConfig
+from hirm_jax.testing import random_encoder_folder
+
+
+def step_flops(config, num_prompts: int, length: int = 77) -> float:
+    """Forward + backward matmul FLOPs of one concept's step (backward ~ 2x forward)."""
+    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    tokens = num_prompts * length
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * f) + 2 * 2 * num_prompts * length * length * d
+    return 3 * layers * per_layer
+
+
+def child(base: str, n: int, steps: int, epochs: int, dtype: str) -> dict:
+    import resource
+
+    import jax
+
+    from hirm_jax.config_lib import base_config
+    from hirm_jax.train import batch_indices, setup_run
+    names = [f"concept number {i}" for i in range(n)]
+    c = base_config()
+    c.encoder.path, c.encoder.component, c.encoder.dtype = base, "", dtype
+    c.concepts = tuple(names)
+    c.super_categories = {name: "thing" for name in names}
+    c.joint = False
+    c.train.epochs = epochs
+    c.report.enabled = False
+    t0 = time.perf_counter()
+    run = setup_run(c)
+    t_setup = time.perf_counter() - t0
+    args = lambda s: (run.frozen, run.per_job, run.shared, *batch_indices(s, run.jobs.prompts_per_job, run.batch_size, 0))
+    t0 = time.perf_counter()
+    compiled = run.step_fn.lower(run.state, *args(0)).compile()
+    t_compile = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    state = run.state
+    times = []
+    for s in range(steps + 1):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, *args(s))
+        jax.block_until_ready(state["trainable"])
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[1:])
+    total_steps = run.total_steps
+    return dict(n=n, devices=jax.device_count(), platform=jax.devices()[0].platform, mesh=dict(run.mesh.shape),
+                setup_s=t_setup, compile_s=t_compile, step_s=step_s,
+                s_per_concept=step_s * total_steps / n, concepts_per_s=n / (step_s * total_steps),
+                flops_per_step=n * step_flops(run.encoder.config, run.jobs.prompts_per_job),
+                temp_gib=getattr(memory, "temp_size_in_bytes", 0) / 2**30,
+                args_gib=getattr(memory, "argument_size_in_bytes", 0) / 2**30,
+                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--devices", type=int, nargs="+", default=[1])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="chip peak for MFU (e.g. 989 for H200 bf16 dense)")
+    parser.add_argument("--base")
+    parser.add_argument("--child", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.base, args.n[0], args.steps, args.epochs, args.dtype)))
+        return
+    root = Path(tempfile.mkdtemp(prefix="bench_batch_"))
+    base = args.base or str(random_encoder_folder(root / "clip_l", TextEncoderConfig.clip_l()))
+    rows = []
+    for devices in args.devices:
+        for n in args.n:
+            env = dict(os.environ, HIRM_JAX_CACHE_DIR="off")
+            if devices > 1:
+                env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+            out = subprocess.run([sys.executable, __file__, "--child", "--base", base, "--n", str(n),
+                                  "--steps", str(args.steps), "--epochs", str(args.epochs), "--dtype", args.dtype],
+                                 env=env, capture_output=True, text=True)
+            if out.returncode:
+                print(f"N={n} devices={devices}: failed: {out.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"Batch erasure, CLIP-L text encoder, HiRM-S, 1 prompt per concept, {args.epochs} epochs, {args.dtype}; "
+          f"step time median of {args.steps}")
+    print("| N | devices (mesh) | compile s | step s | s per concept | concepts/s | XLA temp GiB | args GiB | peak RSS GiB |"
+          + (" MFU |" if args.peak_tflops else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.peak_tflops else ""))
+    for r in rows:
+        mfu = f" {r['flops_per_step'] / r['step_s'] / (args.peak_tflops * 1e12):.1%} |" if args.peak_tflops else ""
+        print(f"| {r['n']} | {r['devices']} {r['platform']} {r['mesh']} | {r['compile_s']:.1f} | {r['step_s']:.3f} | "
+              f"{r['s_per_concept']:.2f} | {r['concepts_per_s']:.3f} | {r['temp_gib']:.2f} | {r['args_gib']:.2f} | "
+              f"{r['peak_rss_gib']:.2f} |" + mfu)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
