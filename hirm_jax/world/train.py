@@ -89,6 +89,7 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_ste
         save_metrics()
 
     _log("stage 4/4: evaluation on held-out templates and seeds")
+    write_world_json(work, metrics, seed=seed)  # evaluation loads the folder as a world
     metrics["generated"] = evaluate_generation(work, seeds_per_prompt=eval_seeds)
     metrics["total_seconds_this_run"] = time.time() - t0
     save_metrics()
