@@ -169,3 +169,70 @@ def save_sd_pipeline(out_dir: Path, encoder_folder: Path, torch_dtype=None) -> P
     """A saved StableDiffusionPipeline folder (diffusers writes text_encoder with flat names)."""
     tiny_sd_pipeline(encoder_folder, torch_dtype).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+# ---------------------------------------------------------------- SDXL and Flux (tests/test_generate.py)
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer built offline: a tiny Unigram model trained on a few sentences (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    corpus = ["a photo of a cat", "a painting of a dog in the style of van gogh", "an image of a tree by the sea",
+              "the quick brown fox jumps over the lazy dog", "a castle on a hill at night"]
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                            unk_token="<unk>"))
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    return T5Tokenizer(vocab=[(piece, score) for piece, score in vocab], extra_ids=100)
+
+
+def tiny_sdxl_pipeline(encoder_1: Path, encoder_2: Path):
+    """An in-memory StableDiffusionXLPipeline: text_encoder = CLIPTextModel from `encoder_1` (hidden 32),
+    text_encoder_2 = CLIPTextModelWithProjection from `encoder_2` (hidden 32, projection 16)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    text_encoder = CLIPTextModel.from_pretrained(str(encoder_1))
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(encoder_2))
+    torch.manual_seed(0)
+    time_embed_dim = 8  # SDXL's added condition: 6 time ids * 8 + pooled projection
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        attention_head_dim=8, norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(pad_token="!"), unet=unet,
+                                     scheduler=scheduler, force_zeros_for_empty_prompt=True)
+
+
+def tiny_flux_pipeline(encoder_folder: Path):
+    """An in-memory FluxPipeline: CLIP-L slot = CLIPTextModel from `encoder_folder` (hidden 32; Flux uses its
+    pooled output), a tiny T5 encoder and tokenizer, a tiny FluxTransformer2DModel and VAE."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    text_encoder = CLIPTextModel.from_pretrained(str(encoder_folder))
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                 num_heads=4, relative_attention_num_buckets=8)).eval()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=text_encoder.config.hidden_size, axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tiny_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)

@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from fixtures_pipelines import (TINY_CONFIG_PROJ, fabricate_workdir, save_encoder_folder, save_sd_pipeline,
+from tests.fixtures_pipelines import (TINY_CONFIG_PROJ, fabricate_workdir, save_encoder_folder, save_sd_pipeline,
                                 tiny_encoder, tiny_sd_pipeline, tiny_tokenizer)
 from hirm_jax import export
 from hirm_jax.delta import fingerprint, round_to

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fixtures_pipelines import fabricate_workdir, perturb_block, save_encoder_folder, tiny_encoder, tiny_tokenizer
+from tests.fixtures_pipelines import fabricate_workdir, perturb_block, save_encoder_folder, tiny_encoder, tiny_tokenizer
 from hirm_jax import config_lib, textreport
 from hirm_jax.masking import flatten, unflatten
 from hirm_jax.resources import data_path

@@ -36,6 +36,7 @@ def test_names_and_captions():
     assert w.STYLE_ANCHOR in w.ALL_STYLES and w.STYLE_ANCHOR not in w.STYLES
     assert len(w.OBJECTS) >= 6 and len(w.STYLES) >= 6
     assert not set(w.TRAIN_TEMPLATES) & set(w.HELDOUT_TEMPLATES)
+    assert w.super_category("circle") == "blob" and w.super_category("striped") == "plain"
     assert w.caption("circle", "outline", "a {style} {object}") == "an outline circle"
     assert w.caption("circle", "striped", "a {style} {object}") == "a striped circle"
     with pytest.raises(ValueError, match="object must be one of"):

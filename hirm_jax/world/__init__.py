@@ -13,7 +13,8 @@ that names the object and style of any picture.
 
 Class names: w.OBJECTS, w.STYLES (the concepts), w.OBJECT_ANCHOR ("blob") and
 w.STYLE_ANCHOR ("plain") (the neutral super-categories HiRM-S maps onto), w.ALL_OBJECTS /
-w.ALL_STYLES (the judge's classes), w.TRAIN_TEMPLATES / w.HELDOUT_TEMPLATES, w.caption().
+w.ALL_STYLES (the judge's classes), w.super_category("circle") == "blob",
+w.TRAIN_TEMPLATES / w.HELDOUT_TEMPLATES, w.caption().
 
 Rebuild everything with `hirm-jax world train --out DIR` (see hirm_jax.world.train).
 """
@@ -27,13 +28,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hirm_jax.world.data import (ALL_OBJECTS, ALL_STYLES, HELDOUT_TEMPLATES, OBJECT_ANCHOR, OBJECTS,
-                                 STYLE_ANCHOR, STYLES, TRAIN_TEMPLATES, caption, render_cell, sample)
+                                 STYLE_ANCHOR, STYLES, TRAIN_TEMPLATES, caption, render_cell, sample,
+                                 super_category)
 
 SHIPPED = Path(__file__).parent / "shipped"
 WORLD_FORMAT = 1
 # Every file a world folder must hold; world.json records their sha256.
 WORLD_FILES = (
-    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
     "text_encoder/config.json", "text_encoder/model.safetensors",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "scheduler/scheduler_config.json",
@@ -143,4 +145,4 @@ def generate(world: World, text_encoder=None, prompts=(), seeds=(), steps: Optio
 
 __all__ = ["ALL_OBJECTS", "ALL_STYLES", "HELDOUT_TEMPLATES", "OBJECT_ANCHOR", "OBJECTS", "STYLE_ANCHOR",
            "STYLES", "TRAIN_TEMPLATES", "World", "WorldError", "caption", "generate", "load_world",
-           "render_cell", "sample"]
+           "render_cell", "sample", "super_category"]

@@ -59,6 +59,15 @@ BACKGROUNDS = np.array([(245, 245, 245), (235, 230, 210), (215, 230, 240)], np.f
 SHADOW = np.array((70, 70, 70), np.float32)
 
 
+def super_category(concept: str) -> str:
+    """The neutral anchor HiRM-S misdirects a concept onto: "blob" for objects, "plain" for styles."""
+    if concept in OBJECTS:
+        return OBJECT_ANCHOR
+    if concept in STYLES:
+        return STYLE_ANCHOR
+    raise ValueError(f"concept must be one of {OBJECTS + STYLES} but is {concept!r}")
+
+
 def _article(match: re.Match) -> str:
     word = match.group(2)
     return f"{match.group(1)}{'an' if word[0] in 'aeiou' else 'a'} {word}"

@@ -6,8 +6,9 @@ attention over the text encoder's full 77-token `last_hidden_state` (prompts pad
 <|endoftext|>), classifier-free guidance from 10% empty-prompt training. DDPM training with
 v-prediction (epsilon-prediction failed in the prototype), DDIM sampling with few steps.
 
-    unet = build_unet()
-    images = sample_images(unet, scheduler, cond, uncond, generator_seeds, steps=20, guidance=3.0)
+    unet = build_unet()                                   # random weights; the world ships trained ones
+    cond = embed_prompts(tokenizer, "world/text_encoder", ["a striped heart", ""])
+    images = sample_images(unet, sample_scheduler(), cond[:1], cond[1], seeds=[0], steps=15, guidance=3.0)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_
 
 
 def load_text_encoder_torch(text_encoder):
-    """A transformers CLIPTextModel from a folder, or the module itself if one is given."""
+    """A transformers CLIPTextModel from a folder, or the module itself (put in eval mode) if given."""
     if isinstance(text_encoder, torch.nn.Module):
         return text_encoder.eval()
     from transformers import CLIPTextModel
@@ -47,20 +48,14 @@ def load_text_encoder_torch(text_encoder):
 def embed_prompts(tokenizer, text_encoder, prompts, batch_size: int = 256) -> torch.Tensor:
     """SD 1.x conditioning: [N, 77, D] last_hidden_state, prompts padded with <|endoftext|> to 77.
 
-    A prompt longer than 77 tokens is an error (SD would silently truncate it).
+    A prompt longer than 77 tokens raises PromptTooLongError (SD would silently truncate it).
     """
+    from hirm_jax.tokenizer import encode_prompts
+
     text_encoder = load_text_encoder_torch(text_encoder)
-    prompts = list(prompts)
-    length = tokenizer.model_max_length
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids = tokenizer(chunk, padding="max_length", max_length=length, truncation=False).input_ids
-        for prompt, row in zip(chunk, ids):
-            if len(row) > length:
-                raise ValueError(f"prompt must fit in {length} tokens but has {len(row)}: {prompt!r}")
-        out.append(text_encoder(torch.tensor(ids)).last_hidden_state.float())
-    return torch.cat(out)
+    ids = torch.from_numpy(encode_prompts(tokenizer, list(prompts))["input_ids"]).long()
+    return torch.cat([text_encoder(ids[i:i + batch_size]).last_hidden_state.float()
+                      for i in range(0, len(ids), batch_size)])
 
 
 def build_unet(**overrides) -> UNet2DConditionModel:
@@ -99,7 +94,7 @@ def sample_images(unet, scheduler: DDIMScheduler, cond: torch.Tensor, uncond: to
     seeds = [int(s) for s in seeds]
     if len(seeds) != cond.shape[0]:
         raise ValueError(f"need one seed per prompt embedding but got {len(seeds)} seeds for {cond.shape[0]}")
-    shape = (UNET_CONFIG["in_channels"], UNET_CONFIG["sample_size"], UNET_CONFIG["sample_size"])
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     out = []
     for start in range(0, len(seeds), batch_size):
         chunk = slice(start, start + batch_size)

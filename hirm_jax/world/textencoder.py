@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from hirm_jax.model import TextEncoder, TextEncoderConfig
+from hirm_jax.tokenizer import encode_prompts
 from hirm_jax.world import data
 
 CONFIG = TextEncoderConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -60,11 +61,7 @@ def caption_table(tokenizer):
 
 
 def tokenize(tokenizer, texts, length=77):
-    ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
-    ids = np.asarray(ids, np.int32)
-    if length < 77 and (ids[:, -1] != CONFIG.eos_token_id).any():
-        raise ValueError(f"a caption is longer than {length} tokens")
-    return ids
+    return encode_prompts(tokenizer, texts, max_length=length)["input_ids"]
 
 
 def _normalize(x):
@@ -171,6 +168,7 @@ def save_half(encoder: TextEncoder, out_dir, overwrite: bool = False) -> TextEnc
     rounded = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float16).astype(np.float32), encoder.params)
     encoder = TextEncoder(encoder.config, rounded)
     save_text_encoder(encoder, out_dir, overwrite=overwrite)
+    Path(out_dir).chmod(0o755)  # atomic_dir's temporary folder is private
     path = Path(out_dir) / WEIGHTS_NAME
     state = {k: v.astype(np.float16) for k, v in load_file(str(path)).items()}
     tmp = path.with_name(path.name + ".tmp")

@@ -6,7 +6,7 @@
 Stages (each one's output is kept in `{out}.partial/`, so an interrupted run resumes where
 it stopped; the finished folder appears atomically at `out`):
 
-    tokenizer      real CLIP BPE tokenizer, built offline from open_clip's vocabulary file
+    tokenizer      real CLIP BPE tokenizer (hirm_jax.tokenizer), built offline from open_clip's file
     text_encoder   small CLIPTextModel trained contrastively (JAX), saved float16
     judge          CNN naming object and style (PyTorch)
     unet           diffusers UNet2DConditionModel, v-prediction, EMA (PyTorch)
@@ -42,13 +42,14 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_ste
     """Train tokenizer, text encoder, judge and denoiser; write the world folder; return its path."""
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread: the shipped world was trained so, and float reductions then match bit for bit.
+    torch.set_num_threads(1)
     from transformers import CLIPTokenizer
 
+    from hirm_jax.tokenizer import build_clip_tokenizer
     from hirm_jax.world import denoiser as den
     from hirm_jax.world.judge import Judge, train_judge
     from hirm_jax.world.textencoder import save_half, train_text_encoder
-    from hirm_jax.world.tokenizer import build_clip_tokenizer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -62,6 +63,9 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_ste
 
     if not (work / "tokenizer" / "tokenizer_config.json").exists():
         build_clip_tokenizer(work / "tokenizer")
+        # tokenizer.json (3.5 MB) repeats vocab.json + merges.txt; transformers rebuilds it on load.
+        (work / "tokenizer" / "tokenizer.json").unlink()
+        (work / "tokenizer").chmod(0o755)
     tokenizer = CLIPTokenizer.from_pretrained(str(work / "tokenizer"))
 
     if not (work / "text_encoder" / "config.json").exists():
