@@ -14,7 +14,7 @@ $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[torch,test]"
+	$(BIN)/pip install -q -e ".[torch,eval,test]"
 	# open_clip ships the CLIP BPE vocabulary the tests build a real tokenizer from; only the
 	# data file is used (no torchvision), so its dependencies are not installed.
 	$(BIN)/pip install -q --no-deps open_clip_torch

@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hirm_jax", "hirm_jax.*"]),
     include_package_data=True,
-    package_data={"hirm_jax": ["data/*", "world/shipped/*", "world/shipped/*/*"]},
+    package_data={"hirm_jax": ["data/*", "data/suites/*", "world/shipped/*", "world/shipped/*/*"]},
     install_requires=[
         "jax>=0.8",
         "flax>=0.10",
@@ -25,6 +25,7 @@ setup(
     ],
     extras_require={
         "torch": ["torch>=2.2", "diffusers>=0.30", "accelerate>=0.30"],
+        "eval": ["nudenet==3.4.2", "onnxruntime>=1.16"],
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["hirm-jax=hirm_jax.cli:main"]},

@@ -5,6 +5,8 @@
     hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT [--check]
     hirm-jax report --workdir=DIR [--out=OUT]      text-space report (also written by erase)
     hirm-jax compare --joint=DIR --independent=DIR --out=OUT   joint erasure vs averaged deltas
+    hirm-jax generate --pipeline=DIR [--delta=D ...] --prompts=FILE --out=DIR
+    hirm-jax eval --suite=NAME --images=DIR [--out=DIR] | --list
 
 Progress and messages go to stderr; a bad input exits with status 2 and a message that
 names the value and the rule.
@@ -125,12 +127,24 @@ def compare_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def generate_main(argv: Sequence[str]) -> int:
+    from hirm_jax import generate
+    return generate.main(list(argv))
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    from hirm_jax import evaluation
+    return evaluation.main(list(argv))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "erase": erase_main,
     "export": export_main,
     "apply": apply_main,
     "report": report_main,
     "compare": compare_main,
+    "generate": generate_main,
+    "eval": eval_main,
 }
 
 
@@ -147,12 +161,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         return 2
-    from hirm_jax.errors import USER_ERRORS
+    from hirm_jax.errors import is_user_error
     try:
         return COMMANDS[command](rest)
-    except (UsageError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001  (user errors get one line; anything else propagates)
+        if isinstance(e, UsageError) or is_user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.preservation = ml_collections.ConfigDict()
     c.preservation.weight = 0.0  # alpha; 0 = off (the paper has no retain term)
     c.preservation.prompts_file = ""  # default: the shipped ordinary prompts
-    c.preservation.batch_size = 32
+    c.preservation.batch_size = 32  # the first N retain prompts, every step; 0 = all of them
 
     c.train = ml_collections.ConfigDict()
     c.train.trainable_blocks = (0,)

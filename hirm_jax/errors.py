@@ -1,17 +1,31 @@
-"""The errors a user can cause (bad config, files, prompts), which the CLI reports in one line."""
+"""The errors a user can cause (bad config, files, prompts), which the CLI reports in one line.
+
+Matched lazily: an error class can only have been raised if its module was imported, so
+`hirm-jax apply` stays free of JAX.
+"""
 
 from __future__ import annotations
 
+import sys
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from hirm_jax.config_lib import ConfigError
-    from hirm_jax.tokenizer import PromptTooLongError
-    from hirm_jax.weights import WeightsError
-    found = [ConfigError, PromptTooLongError, WeightsError, FileNotFoundError, FileExistsError]
-    for module, name in (("hirm_jax.delta", "DeltaError"), ("hirm_jax.export", "RunError"),
-                         ("hirm_jax.train", "NonFiniteLossError")):
-        found.append(getattr(__import__(module, fromlist=[name]), name))
-    return tuple(found)
+USER_ERROR_CLASSES = (
+    ("hirm_jax.config_lib", "ConfigError"),
+    ("hirm_jax.tokenizer", "PromptTooLongError"),
+    ("hirm_jax.weights", "WeightsError"),
+    ("hirm_jax.delta", "DeltaError"),
+    ("hirm_jax.export", "RunError"),
+    ("hirm_jax.train", "NonFiniteLossError"),
+    ("hirm_jax.generate", "GenerationError"),
+    ("hirm_jax.evaluation.suites", "SuiteError"),
+    ("hirm_jax.world", "WorldError"),
+)
 
 
-USER_ERRORS = _user_errors()
+def is_user_error(error: BaseException) -> bool:
+    if isinstance(error, (FileNotFoundError, FileExistsError)):
+        return True
+    for module, name in USER_ERROR_CLASSES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return True
+    return False

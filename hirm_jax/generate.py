@@ -28,9 +28,13 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from hirm_jax.fileio import atomic_file, write_json
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
 
 MANIFEST = "manifest.jsonl"
 GENERATION = "generation.json"
@@ -366,6 +370,8 @@ def generate(pipeline_dir: str | os.PathLike, rows: Sequence[PromptRow], out_dir
             raise GenerationError(f"{name} must be divisible by 16 but is {value}")
     if images_per_prompt < 1 or batch_size < 1:
         raise GenerationError(f"images_per_prompt and batch_size must be >= 1 but are {images_per_prompt}, {batch_size}")
+    state = distributed_state()
+    dtype = str(torch_dtype(dtype, state.device)).removeprefix("torch.")  # record what "auto" became
     settings = Settings(steps=steps or info["steps"], guidance=info["guidance"] if guidance is None else guidance,
                         height=size_h, width=size_w, dtype=dtype, scheduler=scheduler,
                         images_per_prompt=images_per_prompt, seed=seed)
@@ -375,7 +381,6 @@ def generate(pipeline_dir: str | os.PathLike, rows: Sequence[PromptRow], out_dir
                     "denoiser": file_sha256(denoiser) if denoiser else None}
     record = {"pipeline": str(pipeline_dir), "pipeline_class": info["class_name"], "settings": dataclasses.asdict(settings),
               "fingerprints": fingerprints, **(extra or {})}
-    state = distributed_state()
     _check_resume(out_dir, record, create=False)  # every process, so a refusal stops them all
     state.wait_for_everyone()
     if state.is_main_process:
@@ -489,8 +494,9 @@ def generation_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
 
 if __name__ == "__main__":  # `accelerate launch -m hirm_jax.generate ...`
     from hirm_jax.delta import DeltaError
+    from hirm_jax.evaluation.suites import SuiteError
     try:
         sys.exit(main(sys.argv[1:]))
-    except (GenerationError, DeltaError, FileNotFoundError, FileExistsError) as e:
+    except (GenerationError, DeltaError, SuiteError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

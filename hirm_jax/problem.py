@@ -128,7 +128,7 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
     if config.preservation.weight > 0:
         from hirm_jax.resources import data_path  # noqa: PLC0415
         retain = prompts.read_lines(config.preservation.prompts_file or data_path("ordinary_prompts.txt"),
-                                    "preservation.prompts_file")[: config.preservation.batch_size]
+                                    "preservation.prompts_file")[: config.preservation.batch_size or None]
         r_ids, r_mask = tokenize(tokenizer, retain, max_length)
         shared = dict(retain_ids=r_ids, retain_mask=r_mask,
                       retain_targets=encode_in_chunks(encode_fn, encoder.params, r_ids, r_mask),

@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "diffusers", "torch", "safetensors", "numpy")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "diffusers", "torch", "safetensors", "numpy",
+            "accelerate", "nudenet", "onnxruntime")
 
 
 @functools.lru_cache(maxsize=1)

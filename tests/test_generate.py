@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from tests.fixtures_pipelines import (TINY_CONFIG_PROJ, fabricate_workdir, save_encoder_folder, save_sd_pipeline,
                                 tiny_encoder, tiny_flux_pipeline, tiny_sdxl_pipeline)

@@ -11,7 +11,7 @@ real images (`--option reference=DIR`). Its interval is a percentile bootstrap o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

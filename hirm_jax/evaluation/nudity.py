@@ -15,7 +15,7 @@ import csv
 import importlib.metadata
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from hirm_jax.evaluation import suites
 from hirm_jax.evaluation.metrics import proportion

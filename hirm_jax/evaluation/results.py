@@ -47,7 +47,7 @@ def markdown(results: dict) -> str:
         lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]
     if results.get("settings"):
         lines += ["", "Settings: `" + json.dumps(results["settings"], sort_keys=True) + "`"]
-    lines += [f"", f"{results['n_images']} images; hirm_jax {results['provenance']['hirm_jax_version']} "
+    lines += ["", f"{results['n_images']} images; hirm_jax {results['provenance']['hirm_jax_version']} "
               f"(git {results['provenance']['git_hash']})"]
     lines += [f"- {note}" for note in results.get("notes", [])]
     return "\n".join(lines) + "\n"

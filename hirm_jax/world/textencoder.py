@@ -95,7 +95,8 @@ def train_text_encoder(tokenizer, seed: int = 0, steps: int = 600, batch: int = 
     tower = ImageTower()
     tower_params = tower.init(jax.random.fold_in(key, 1), jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]
     params = {"text": text_params, "image": tower_params, "logit_scale": jnp.log(jnp.float32(1 / 0.07))}
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 50, steps, lr * 0.02)
+    warmup = min(50, max(1, steps // 10))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.02)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = tx.init(params)
     module = TextEncoder(CONFIG, None)
