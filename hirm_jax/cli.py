@@ -5,6 +5,8 @@
     hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT [--check]
     hirm-jax report --workdir=DIR [--out=OUT]      text-space report (also written by erase)
     hirm-jax compare --joint=DIR --independent=DIR --out=OUT   joint erasure vs averaged deltas
+    hirm-jax demo [--concept NAME] [--method hirm_s|hirm_r] [--workdir DIR]
+    hirm-jax world train --out DIR                 rebuild the demo world (seeded)
     hirm-jax generate --pipeline=DIR [--delta=D ...] --prompts=FILE --out=DIR
     hirm-jax eval --suite=NAME --images=DIR [--out=DIR] | --list
 
@@ -137,12 +139,41 @@ def eval_main(argv: Sequence[str]) -> int:
     return evaluation.main(list(argv))
 
 
+def demo_main(argv: Sequence[str]) -> int:
+    from hirm_jax.demo import DEFAULT_CONCEPT, run_demo
+    parser = argparse.ArgumentParser(prog="hirm-jax demo", description="Erase a concept in the shipped demo world and measure it.")
+    parser.add_argument("--concept", default=DEFAULT_CONCEPT)
+    parser.add_argument("--method", default="hirm_s", choices=("hirm_s", "hirm_r"))
+    parser.add_argument("--workdir", default="workdirs/demo")
+    parser.add_argument("--seeds-per-cell", type=int, default=5)
+    parser.add_argument("--world", help="a world folder (default: the shipped one)")
+    args = parser.parse_args(argv)
+    enable_compilation_cache()
+    run_demo(args.concept, args.method, args.workdir, args.seeds_per_cell, args.world)
+    return 0
+
+
+def world_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hirm-jax world", description="The demo world.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="rebuild the world from scratch (seeded; resumes an interrupted build)")
+    train.add_argument("--out", required=True)
+    train.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    enable_compilation_cache()
+    from hirm_jax.world.train import train_world
+    print(train_world(args.out, seed=args.seed))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "erase": erase_main,
     "export": export_main,
     "apply": apply_main,
     "report": report_main,
     "compare": compare_main,
+    "demo": demo_main,
+    "world": world_main,
     "generate": generate_main,
     "eval": eval_main,
 }

@@ -85,6 +85,12 @@ class WorldBatch:
     objects: np.ndarray  # [N] int, index into ALL_OBJECTS
     styles: np.ndarray   # [N] int, index into ALL_STYLES
 
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> "WorldBatch":
+        return WorldBatch(self.images[index], self.objects[index], self.styles[index])
+
 
 def _polygon(points, cx, cy, r):
     return [(cx + r * x, cy + r * y) for x, y in points]

@@ -113,12 +113,14 @@ def sample_images(unet, scheduler: DDIMScheduler, cond: torch.Tensor, uncond: to
 
 def train_denoiser(embed, seed: int = 0, steps: int = 4000, batch: int = 64, lr: float = 1e-3,
                    pool_size: int = 12000, ema_decay: float = 0.998, empty_prob: float = 0.1,
-                   checkpoint=None, checkpoint_every: int = 250, log_every: int = 25, unet_overrides=None):
+                   checkpoint=None, checkpoint_every: int = 250, log_every: int = 25, unet_overrides=None,
+                   pool=None):
     """Train the UNet; returns (EMA UNet, metrics).
 
     embed(list of str) -> [N, 77, D] torch tensor: the frozen text encoder's last_hidden_state.
     checkpoint: optional path; written every `checkpoint_every` steps (atomically) and, if it
     exists at the start, resumed from.
+    pool: optional data.sample(N >= pool_size, seed, "train") to take the pictures from.
     """
     import copy
     import os
@@ -129,7 +131,7 @@ def train_denoiser(embed, seed: int = 0, steps: int = 4000, batch: int = 64, lr:
 
     t0 = time.time()
     torch.manual_seed(seed)
-    pool = data.sample(pool_size, seed=seed, split="train")
+    pool = data.sample(pool_size, seed=seed, split="train") if pool is None else pool[:pool_size]
     x_all = to_patches(pool.images)
     texts = [data.caption(data.ALL_OBJECTS[o], data.ALL_STYLES[s], t)
              for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))

@@ -115,11 +115,14 @@ class Judge:
 
 
 def train_judge(seed: int = 0, steps: int = 500, batch: int = 128, lr: float = 2e-3,
-                pool_size: int = 8000, width: int = 32, log_every: int = 100):
-    """Returns (Judge, metrics) with held-out accuracy on fresh `eval` pictures."""
+                pool_size: int = 8000, width: int = 32, log_every: int = 100, pool=None):
+    """Returns (Judge, metrics) with held-out accuracy on fresh `eval` pictures.
+
+    pool: optional data.sample(N >= pool_size, seed, "train") to take the pictures from.
+    """
     t0 = time.time()
     torch.manual_seed(seed)
-    pool = data.sample(pool_size, seed=seed, split="train")
+    pool = data.sample(pool_size, seed=seed, split="train") if pool is None else pool[:pool_size]
     x_all = _to_tensor(pool.images)
     y_obj, y_sty = torch.from_numpy(pool.objects), torch.from_numpy(pool.styles)
     net = JudgeNet(width)

@@ -79,10 +79,13 @@ def multi_positive_infonce(text_emb, image_emb, positive, logit_scale):
 
 
 def train_text_encoder(tokenizer, seed: int = 0, steps: int = 600, batch: int = 128, lr: float = 1e-3,
-                       pool_size: int = 8000, log_every: int = 50):
-    """Returns (TextEncoder, metrics dict). Deterministic for a given seed on one platform."""
+                       pool_size: int = 8000, log_every: int = 50, pool=None):
+    """Returns (TextEncoder, metrics dict). Deterministic for a given seed on one platform.
+
+    pool: optional data.sample(N >= pool_size, seed, "train") to take the pictures from.
+    """
     t0 = time.time()
-    pool = data.sample(pool_size, seed=seed, split="train")
+    pool = data.sample(pool_size, seed=seed, split="train") if pool is None else pool[:pool_size]
     ids, cap_obj, cap_style = caption_table(tokenizer)
     # Captions grouped by the picture they can describe: full (70%), object-only, style-only.
     full = {(o, s): np.nonzero((cap_obj == o) & (cap_style == s))[0]

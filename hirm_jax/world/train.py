@@ -30,6 +30,7 @@ from hirm_jax.world import data
 # Sampling defaults stored in world.json (generate() uses them unless told otherwise).
 SAMPLE_STEPS = 15
 GUIDANCE = 3.0
+DENOISER_POOL = 12000
 
 
 def _log(msg: str) -> None:
@@ -67,16 +68,18 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_ste
         (work / "tokenizer" / "tokenizer.json").unlink()
         (work / "tokenizer").chmod(0o755)
     tokenizer = CLIPTokenizer.from_pretrained(str(work / "tokenizer"))
+    pool = data.sample(DENOISER_POOL, seed=seed, split="train")  # every stage draws from its head
+    _log(f"{len(pool)} training pictures drawn in {time.time() - t0:.0f}s")
 
     if not (work / "text_encoder" / "config.json").exists():
         _log("stage 1/4: text encoder")
-        encoder, metrics["text_encoder"] = train_text_encoder(tokenizer, seed=seed, steps=text_encoder_steps)
+        encoder, metrics["text_encoder"] = train_text_encoder(tokenizer, seed=seed, steps=text_encoder_steps, pool=pool)
         save_half(encoder, work / "text_encoder", overwrite=True)
         save_metrics()
 
     if not (work / "judge" / "judge.safetensors").exists():
         _log("stage 2/4: judge")
-        judge, metrics["judge"] = train_judge(seed=seed, steps=judge_steps)
+        judge, metrics["judge"] = train_judge(seed=seed, steps=judge_steps, pool=pool)
         (work / "judge").mkdir(exist_ok=True)
         judge.save(work / "judge")
         save_metrics()
@@ -87,7 +90,7 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_ste
         embed = lambda texts: den.embed_prompts(tokenizer, work / "text_encoder", texts)
         unet, metrics["denoiser"] = den.train_denoiser(
             embed, seed=seed, steps=denoiser_steps, batch=denoiser_batch,
-            checkpoint=work / "denoiser_checkpoint.pt")
+            checkpoint=work / "denoiser_checkpoint.pt", pool_size=DENOISER_POOL, pool=pool)
         save_unet_half(unet, work / "unet")
         den.sample_scheduler().save_pretrained(str(work / "scheduler"))
         save_metrics()

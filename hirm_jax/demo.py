@@ -1,0 +1,223 @@
+"""`hirm-jax demo`: erase a concept from the shipped demo world and measure it, in minutes on a CPU.
+
+    from hirm_jax.demo import run_demo
+    report = run_demo("heart", method="hirm_s", workdir="workdirs/demo")
+
+Steps: load the shipped world; erase the concept from the world's text encoder in JAX
+(`hirm_jax.train`, config `configs/demo.py`); export the erased encoder as a transformers
+folder (what a PyTorch user receives); generate the benchmark grid (every object x style,
+held-out caption templates and seeds) with the original and the erased encoder through the
+world's diffusers UNet; judge every image; print UA / IRA / CRA beside the before-erasure
+figures; write DIR/demo_report.json and DIR/demo_grid.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from hirm_jax.config_lib import ConfigError, base_config
+from hirm_jax.fileio import atomic_file, write_json
+
+DEFAULT_CONCEPT = "heart"
+FIRST_EVAL_SEED = 20_000  # the world trains on seeds < 10_000 and reports its quality from 10_000
+
+
+def demo_config(method: str = "hirm_s"):
+    """The demo's erase hyper-parameters (configs/demo.py is this, for the command line).
+
+    HiRM as specified (block 0 updated, last_mlp_out supervised) plus the project's preservation
+    term: the world's 4-layer, width-128 encoder is far less redundant than CLIP-L, and without a
+    retain term every caption moves with the erased one (measured in the README's table)."""
+    c = base_config()
+    c.encoder.component = ""
+    c.objective.name = method or "hirm_s"
+    c.train.learning_rate = 1e-4
+    c.train.epochs = 100
+    c.train.log_every = 25
+    c.train.checkpoint_every = 1000
+    c.preservation.weight = 10.0
+    c.preservation.batch_size = 0
+    c.report.enabled = False
+    return c
+
+
+def concept_kind(world_module, concept: str) -> str:
+    if concept in world_module.OBJECTS:
+        return "object"
+    if concept in world_module.STYLES:
+        return "style"
+    raise ConfigError(f"concept must be one of the world's objects {list(world_module.OBJECTS)} or styles "
+                      f"{list(world_module.STYLES)}, but is {concept!r}")
+
+
+def erase_config(world, concept: str, method: str, workdir: Path):
+    """The demo config filled in for one concept: prompts in the world's training templates with
+    every class of the other kind, retain prompts = the same templates for every other concept."""
+    from hirm_jax import world as w
+    kind = concept_kind(w, concept)
+    c = demo_config(method)
+    c.encoder.path = str(world.text_encoder_path)
+    c.encoder.tokenizer = str(world.path / "tokenizer")
+    c.concepts = (concept,)
+    c.concept_type = kind
+    c.super_categories = {concept: w.OBJECT_ANCHOR if kind == "object" else w.STYLE_ANCHOR}
+    if kind == "object":
+        c.templates = tuple(t.format(style=s, object="{}") for t in w.TRAIN_TEMPLATES[:2] for s in w.STYLES)
+    else:
+        c.templates = tuple(t.format(style="{}", object=o) for t in w.TRAIN_TEMPLATES[:2] for o in w.OBJECTS)
+    retain = [w.caption(o, s, t) for t in w.TRAIN_TEMPLATES[:1] for o in w.OBJECTS for s in w.STYLES
+              if concept not in (o, s)]
+    retain_file = workdir / "retain_prompts.txt"
+    retain_file.parent.mkdir(parents=True, exist_ok=True)
+    retain_file.write_text("\n".join(retain) + "\n")
+    with c.unlocked():
+        c.preservation.prompts_file = str(retain_file)
+    return c
+
+
+def benchmark_grid(seeds_per_cell: int) -> list[dict]:
+    """Every (object, style) cell x `seeds_per_cell` held-out seeds, cycling the held-out templates."""
+    from hirm_jax import world as w
+    rows = []
+    for o in w.OBJECTS:
+        for s in w.STYLES:
+            for k in range(seeds_per_cell):
+                template = w.HELDOUT_TEMPLATES[k % len(w.HELDOUT_TEMPLATES)]
+                rows.append(dict(object=o, style=s, prompt=w.caption(o, s, template), seed=FIRST_EVAL_SEED + k))
+    return rows
+
+
+def judged_rows(world, images, grid: list[dict], concept: str, kind: str) -> list[dict]:
+    preds = world.judge.classify(images)
+    return [dict(row, target=concept, target_kind=kind, object_pred=o, style_pred=s)
+            for row, o, s in zip(grid, preds["object"], preds["style"])]
+
+
+def figures(rows: list[dict]) -> dict:
+    from hirm_jax.evaluation.metrics import wilson_interval
+    from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
+    result = ua_ira_cra(rows)
+    out = {}
+    for m in ("UA", "IRA", "CRA"):
+        f = result[m]
+        out[m] = f["value"]
+        out[f"{m}_interval95"] = wilson_interval(f["successes"], f["n"])
+        out[f"{m}_n"] = f["n"]
+    out["object_accuracy"] = float(np.mean([r["object_pred"] == r["object"] for r in rows]))
+    out["style_accuracy"] = float(np.mean([r["style_pred"] == r["style"] for r in rows]))
+    return out
+
+
+def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: str | Path = "workdirs/demo",
+             seeds_per_cell: int = 5, world_path: Optional[str] = None) -> dict:
+    from hirm_jax import world as w
+    from hirm_jax.export import export_full
+    from hirm_jax.train import train_and_evaluate
+
+    timings, t0 = {}, time.perf_counter()
+    kind = concept_kind(w, concept)
+    if method not in ("hirm_s", "hirm_r"):
+        raise ConfigError(f"method must be hirm_s or hirm_r but is {method!r}")
+    workdir = Path(workdir)
+    _say(f"loading the demo world ({world_path or 'shipped'})")
+    world = w.load_world(world_path)
+    timings["load_world_s"] = time.perf_counter() - t0
+
+    _say(f"erasing {kind} {concept!r} with {method} (JAX, block 0 only)")
+    t = time.perf_counter()
+    config = erase_config(world, concept, method, workdir)
+    erase_dir = workdir / f"erase_{concept}_{method}"
+    shutil.rmtree(erase_dir, ignore_errors=True)  # the demo always erases afresh
+    train_and_evaluate(config, erase_dir)
+    timings["erase_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    erased_folder = export_full(erase_dir, workdir / "erased_text_encoder", overwrite=True)
+    timings["export_s"] = time.perf_counter() - t
+
+    grid = benchmark_grid(seeds_per_cell)
+    prompts, seeds = [r["prompt"] for r in grid], [r["seed"] for r in grid]
+    _say(f"generating {len(grid)} images with the original encoder")
+    t = time.perf_counter()
+    original = w.generate(world, None, prompts, seeds)
+    _say(f"generating {len(grid)} images with the erased encoder (loaded from {erased_folder})")
+    erased = w.generate(world, str(erased_folder), prompts, seeds)
+    timings["generate_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    before = figures(judged_rows(world, original, grid, concept, kind))
+    after = figures(judged_rows(world, erased, grid, concept, kind))
+    timings["classify_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    report = dict(
+        concept=concept, kind=kind, method=method,
+        UA=after["UA"], IRA=after["IRA"], CRA=after["CRA"],
+        after=after, before=before,
+        relative_to_before={m: (after[m] / before[m] if before[m] else None) for m in ("IRA", "CRA")},
+        n_images=len(grid), seeds_per_cell=seeds_per_cell, first_seed=FIRST_EVAL_SEED,
+        templates=list(w.HELDOUT_TEMPLATES), world=str(world.path), world_sha256=world.config.get("sha256"),
+        erase_workdir=str(erase_dir), erased_text_encoder=str(erased_folder), timings=timings,
+        definitions=dict(UA="share of images prompted with the concept that the judge no longer labels as it",
+                         IRA="judge accuracy, on the erased concept's kind, over images prompted without it",
+                         CRA="judge accuracy on the other kind over images prompted without the concept"),
+    )
+    from hirm_jax import provenance
+    report["provenance"] = provenance.provenance()
+    write_json(workdir / "demo_report.json", report)
+    _write_grid(workdir / "demo_grid.png", original, erased, grid, concept, kind)
+    print(format_table(report))
+    _say(f"wrote {workdir / 'demo_report.json'} and {workdir / 'demo_grid.png'} in {timings['total_s']:.0f}s")
+    return report
+
+
+def format_table(report: dict) -> str:
+    b, a = report["before"], report["after"]
+    pct = lambda v: "–" if v is None else f"{100 * v:5.1f}%"
+    lines = [f"HiRM demo: erase {report['kind']} {report['concept']!r} ({report['method']}), "
+             f"{report['n_images']} images per encoder, held-out templates and seeds",
+             "| metric | before | after |", "|---|---|---|"]
+    for m in ("UA", "IRA", "CRA", "object_accuracy", "style_accuracy"):
+        lines.append(f"| {m} | {pct(b[m])} | {pct(a[m])} |")
+    return "\n".join(lines)
+
+
+def _write_grid(path: Path, original, erased, grid, concept: str, kind: str) -> None:
+    """Two rows for the concept (original, erased) and two for a neighbour, one column per class
+    of the other kind; same prompts and seeds in each pair of rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hirm_jax import world as w
+    own, other = (w.OBJECTS, w.STYLES) if kind == "object" else (w.STYLES, w.OBJECTS)
+    neighbour = next(c for c in own if c != concept)
+    first = lambda c, x: next(i for i, r in enumerate(grid) if r[kind] == c and r["style" if kind == "object" else "object"] == x)
+    rows = [(f"{concept}\noriginal", original, concept), (f"{concept}\nerased", erased, concept),
+            (f"{neighbour}\noriginal", original, neighbour), (f"{neighbour}\nerased", erased, neighbour)]
+    fig, axes = plt.subplots(len(rows), len(other), figsize=(1.3 * len(other), 1.45 * len(rows)), dpi=110)
+    for r, (label, images, c) in enumerate(rows):
+        for col, x in enumerate(other):
+            ax = axes[r, col]
+            ax.imshow(images[first(c, x)], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(x, fontsize=8)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(f"HiRM: {kind} '{concept}' erased (same prompts and seeds per column)", fontsize=9)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
