@@ -195,4 +195,5 @@ def train_denoiser(embed, seed: int = 0, steps: int = 4000, batch: int = 64, lr:
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "gen": gen.get_state(), "step": step}, tmp)
             os.replace(tmp, checkpoint)
-    return ema.eval(), {"train_seconds": time.time() - t0, "steps": steps, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+    return ema.eval(), {"train_seconds": time.time() - t0, "steps": steps, "resumed_at_step": start,
+                        "final_loss": float(np.mean(losses[-100:])) if losses else None}

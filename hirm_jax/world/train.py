@@ -28,7 +28,7 @@ import numpy as np
 from hirm_jax.world import data
 
 # Sampling defaults stored in world.json (generate() uses them unless told otherwise).
-SAMPLE_STEPS = 15
+SAMPLE_STEPS = 10
 GUIDANCE = 3.0
 DENOISER_POOL = 12000
 
@@ -37,10 +37,16 @@ def _log(msg: str) -> None:
     print(f"[world] {msg}", file=sys.stderr, flush=True)
 
 
-def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_steps: int = 1500,
+def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 600, judge_steps: int = 500,
                 denoiser_steps: int = 3000, denoiser_batch: int = 64, eval_seeds: int = 10,
                 overwrite: bool = False) -> Path:
-    """Train tokenizer, text encoder, judge and denoiser; write the world folder; return its path."""
+    """Train tokenizer, text encoder, judge and denoiser; write the world folder; return its path.
+
+    The defaults are the recipe of the shipped world (hirm_jax/world/shipped). Progress goes to
+    stderr. An interrupted run resumes from `{out_dir}.partial/` (finished stages are kept, the
+    denoiser from its last checkpoint). eval_seeds: pictures per (object, style) cell in the
+    final held-out evaluation recorded in world.json.
+    """
     import torch
 
     # One thread: the shipped world was trained so, and float reductions then match bit for bit.
@@ -49,7 +55,7 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_ste
 
     from hirm_jax.tokenizer import build_clip_tokenizer
     from hirm_jax.world import denoiser as den
-    from hirm_jax.world.judge import Judge, train_judge
+    from hirm_jax.world.judge import train_judge
     from hirm_jax.world.textencoder import save_half, train_text_encoder
 
     out_dir = Path(out_dir)
@@ -83,7 +89,6 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 300, judge_ste
         (work / "judge").mkdir(exist_ok=True)
         judge.save(work / "judge")
         save_metrics()
-    judge = Judge.load(work / "judge")
 
     if not (work / "unet" / "config.json").exists():
         _log("stage 3/4: denoiser")

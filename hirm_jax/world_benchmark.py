@@ -1,0 +1,179 @@
+"""`hirm-jax eval --suite=demo-world`: the demo world as a local UnlearnCanvas.
+
+Erases each object and each style in turn with each method, generates the benchmark grid
+(every object x style, held-out templates and seeds) with the erased encoder, judges it and
+reports mean UA / IRA / CRA per kind (JSON + Markdown):
+
+    hirm_r          HiRM, random target (c = 500)
+    hirm_s          HiRM, super-category target (the world's neutral anchor)
+    early_block     "no decoupling": supervise block 0's own output (block_out:0), where it updates
+    full_finetune   the same loss, every parameter of the encoder trained
+    joint           several concepts erased into one encoder (first 3 objects, first 3 styles)
+    averaged        the same groups by averaging the single-concept HiRM-S deltas (the paper's way)
+
+Every method uses the demo's settings (`hirm_jax.demo.demo_config`, preservation term included);
+`--methods`, `--concepts` and `--seeds-per-cell` set a budget, and a run that does not cover
+the full protocol is marked partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hirm_jax.fileio import atomic_file, write_json
+
+METHODS = ("hirm_r", "hirm_s", "early_block", "full_finetune", "joint", "averaged")
+FULL_SEEDS_PER_CELL = 5
+
+
+def _configure(config, method: str):
+    with config.unlocked():
+        if method == "hirm_r":
+            config.objective.name = "hirm_r"
+        if method == "early_block":
+            config.objective.hooks = ("block_out:0",)
+        if method == "full_finetune":
+            config.train.trainable_regex = ".*"
+    return config
+
+
+def _erase(world, concepts: list[str], method: str, out: Path) -> Path:
+    """Erase `concepts` (jointly when several, all of one kind) and export the encoder folder."""
+    from hirm_jax import world as w
+    from hirm_jax.demo import erase_config
+    from hirm_jax.export import export_full
+    from hirm_jax.train import train_and_evaluate
+    config = _configure(erase_config(world, concepts[0], "hirm_s", out), method)
+    if len(concepts) > 1:
+        retain = [w.caption(o, s, w.TRAIN_TEMPLATES[0]) for o in w.OBJECTS for s in w.STYLES
+                  if o not in concepts and s not in concepts]
+        (out / "retain_prompts.txt").write_text("\n".join(retain) + "\n")
+        with config.unlocked():
+            config.concepts = tuple(concepts)
+            config.super_categories = {c: (w.OBJECT_ANCHOR if c in w.OBJECTS else w.STYLE_ANCHOR) for c in concepts}
+    shutil.rmtree(out / "erase", ignore_errors=True)
+    train_and_evaluate(config, out / "erase")
+    return export_full(out / "erase", out / "text_encoder", overwrite=True)
+
+
+def _average(single_runs: list[Path], out: Path) -> Path:
+    from hirm_jax import export, masking
+    from hirm_jax.layouts import save_text_encoder
+    loaded = [export.load_run(p) for p in single_runs]
+    base = masking.flatten(loaded[0].base.params)
+    averaged = dict(base)
+    for path in loaded[0].run["trainable_paths"]:
+        averaged[path] = np.asarray(base[path]) + np.mean(
+            [np.asarray(masking.flatten(r.erased_params)[path]) - np.asarray(base[path]) for r in loaded], axis=0)
+    return save_text_encoder(loaded[0].base, out / "text_encoder", params=masking.unflatten(averaged), overwrite=True)
+
+
+def _judge(world, encoder_folder, grid, targets: list[str]) -> list[dict]:
+    """Rows for ua_ira_cra, one set per target; images of the other targets are left out."""
+    from hirm_jax import world as w
+    images = w.generate(world, str(encoder_folder), [r["prompt"] for r in grid], [r["seed"] for r in grid])
+    preds = world.judge.classify(images)
+    rows = []
+    for t in targets:
+        kind = "object" if t in w.OBJECTS else "style"
+        others = [x for x in targets if x != t]
+        rows += [dict(r, target=t, target_kind=kind, object_pred=o, style_pred=s)
+                 for r, o, s in zip(grid, preds["object"], preds["style"]) if r["object"] not in others and r["style"] not in others]
+    return rows
+
+
+def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concepts: Sequence[str] = (),
+                  seeds_per_cell: int = 2, world_path=None) -> dict:
+    from hirm_jax import provenance
+    from hirm_jax import world as w
+    from hirm_jax.demo import benchmark_grid, figures, judged_rows
+    from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
+    out_dir = Path(out_dir)
+    world = w.load_world(world_path)
+    concepts = list(concepts) or list(w.OBJECTS + w.STYLES)
+    grid = benchmark_grid(seeds_per_cell)
+    t0 = time.perf_counter()
+    original = w.generate(world, None, [r["prompt"] for r in grid], [r["seed"] for r in grid])
+    before = {c: figures(judged_rows(world, original, grid, c, "object" if c in w.OBJECTS else "style")) for c in concepts}
+    results: dict = {}
+    for method in methods:
+        _say(f"method {method}")
+        if method in ("joint", "averaged"):
+            groups = [g for g in ([c for c in concepts if c in w.OBJECTS][:3], [c for c in concepts if c in w.STYLES][:3]) if len(g) > 1]
+            rows = []
+            for group in groups:
+                folder = out_dir / method / "_".join(group)
+                folder.mkdir(parents=True, exist_ok=True)
+                if method == "joint":
+                    encoder = _erase(world, group, "hirm_s", folder)
+                else:
+                    encoder = _average([out_dir / "hirm_s" / c / "erase" for c in group], folder)
+                rows += _judge(world, encoder, grid, group)
+        else:
+            rows = []
+            for c in concepts:
+                folder = out_dir / method / c
+                folder.mkdir(parents=True, exist_ok=True)
+                rows += _judge(world, _erase(world, [c], method, folder), grid, [c])
+        results[method] = _per_kind(ua_ira_cra(rows), concepts)
+    partial = seeds_per_cell < FULL_SEEDS_PER_CELL or set(concepts) != set(w.OBJECTS + w.STYLES) or list(methods) != list(METHODS)
+    report = dict(suite="demo-world", version="1.0", partial=partial, seeds_per_cell=seeds_per_cell, concepts=concepts,
+                  methods=results, before={k: _mean_kind(before, k) for k in ("object", "style")},
+                  seconds=time.perf_counter() - t0, world_sha256=world.config.get("sha256"), provenance=provenance.provenance())
+    write_json(out_dir / "results.json", report)
+    with atomic_file(out_dir / "results.md") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    return report
+
+
+def _per_kind(result: dict, concepts) -> dict:
+    per = result["per_target"]
+    table = {}
+    for kind in ("object", "style"):
+        names = [t for t, p in per.items() if p["kind"] == kind]
+        table[kind] = {m: (float(np.mean([per[t][m]["value"] for t in names if per[t][m]["value"] is not None]))
+                           if names else None) for m in ("UA", "IRA", "CRA")}
+    table["per_target"] = {t: {m: p[m]["value"] for m in ("UA", "IRA", "CRA")} for t, p in per.items()}
+    return table
+
+
+def _mean_kind(before: dict, kind: str) -> dict:
+    from hirm_jax import world as w
+    names = [c for c in before if (c in w.OBJECTS) == (kind == "object")]
+    return {m: (float(np.mean([before[c][m] for c in names])) if names else None) for m in ("UA", "IRA", "CRA")}
+
+
+def markdown(report: dict) -> str:
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
+    lines = [f"Demo-world benchmark ({'partial: ' if report['partial'] else ''}{len(report['concepts'])} concepts, "
+             f"{report['seeds_per_cell']} seeds per cell), mean over erased concepts, %", "",
+             "| method | object UA | object IRA | object CRA | style UA | style IRA | style CRA |", "|---|---|---|---|---|---|---|"]
+    rows = [("before erasure", report["before"])] + list(report["methods"].items())
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(pct(r[k][m]) for k in ("object", "style") for m in ("UA", "IRA", "CRA")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hirm-jax eval --suite=demo-world", description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", default="demo-world")
+    parser.add_argument("--out", default="workdirs/demo-world")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--concepts", nargs="*", default=[])
+    parser.add_argument("--seeds-per-cell", type=int, default=FULL_SEEDS_PER_CELL)
+    parser.add_argument("--world")
+    args = parser.parse_args(argv)
+    run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, args.world)
+    return 0
+
+
+def _say(message: str) -> None:
+    print(f"[demo-world] {message}", file=sys.stderr, flush=True)
