@@ -137,6 +137,7 @@ def generate_main(argv: Sequence[str]) -> int:
 def eval_main(argv: Sequence[str]) -> int:
     if "--suite=demo-world" in argv or any(a == "--suite" and b == "demo-world" for a, b in zip(argv, argv[1:])):
         from hirm_jax import world_benchmark  # it generates its own images, so it has its own options
+        enable_compilation_cache()
         return world_benchmark.main(list(argv))
     from hirm_jax import evaluation
     return evaluation.main(list(argv))

@@ -1,0 +1,29 @@
+"""A short end-to-end demo on the shipped world: the erased concept's accuracy drops, the others' do not."""
+
+import json
+
+import pytest
+
+from hirm_jax.config_lib import ConfigError
+
+
+def test_demo_erases_the_concept_and_keeps_the_rest(tmp_path):
+    from hirm_jax.demo import run_demo
+    report = run_demo("heart", "hirm_s", tmp_path / "demo", seeds_per_cell=1)
+    before, after = report["before"], report["after"]
+    assert before["UA"] <= 0.2  # the world draws hearts before erasure
+    assert after["UA"] >= before["UA"] + 0.6
+    assert after["IRA"] >= before["IRA"] - 0.1
+    assert after["CRA"] >= before["CRA"] - 0.1
+    saved = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
+    for key in ("concept", "kind", "method", "UA", "IRA", "CRA", "before", "timings"):
+        assert key in saved
+    assert all(0.0 <= saved[m] <= 1.0 for m in ("UA", "IRA", "CRA"))
+    assert (tmp_path / "demo" / "demo_grid.png").stat().st_size > 1000
+
+
+def test_unknown_concept_lists_the_available_ones(tmp_path):
+    from hirm_jax.demo import run_demo
+    with pytest.raises(ConfigError, match=r"one of the world's objects \['circle'"):
+        run_demo("unicorn", "hirm_s", tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()
