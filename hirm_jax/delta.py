@@ -38,7 +38,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from hirm_jax.fileio import atomic_dir
+from hirm_jax.fileio import atomic_dir, sha256_file
 
 DELTA_WEIGHTS = "hirm_delta.safetensors"
 DELTA_CONFIG = "hirm_config.json"
@@ -199,7 +199,7 @@ def load_delta(delta_dir: str | os.PathLike) -> Delta:
     if config.get("format") != DELTA_FORMAT or config.get("format_version") != DELTA_FORMAT_VERSION:
         raise DeltaError(f"{config_path} must have format {DELTA_FORMAT!r} version {DELTA_FORMAT_VERSION} but has "
                          f"{config.get('format')!r} version {config.get('format_version')!r}")
-    digest = _file_sha256(weights_path)
+    digest = sha256_file(weights_path)
     if digest != config.get("delta_file_sha256"):
         raise DeltaError(f"{weights_path} has sha256 {digest} but {DELTA_CONFIG} records "
                          f"{config.get('delta_file_sha256')}: the file was changed or truncated")
@@ -211,14 +211,6 @@ def load_delta(delta_dir: str | os.PathLike) -> Delta:
         if "." not in key:
             raise DeltaError(f"delta key {key!r} must be prefixed by a pipeline component (text_encoder.…)")
     return Delta(config, tensors)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def local_key(canonical: str, available: Iterable[str]) -> Optional[str]:

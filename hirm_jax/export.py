@@ -30,9 +30,9 @@ from safetensors.numpy import load_file, save_file
 import hirm_jax
 from hirm_jax import provenance
 from hirm_jax.delta import (APPLIED_RECORD, DELTA_CONFIG, DELTA_FORMAT, DELTA_FORMAT_VERSION, DELTA_WEIGHTS,
-                            DeltaError, FingerprintError, _file_sha256, apply_delta, apply_delta_to_pipeline,
+                            DeltaError, FingerprintError, apply_delta, apply_delta_to_pipeline,
                             base_fingerprints, check_delta, fingerprint, load_delta)
-from hirm_jax.fileio import atomic_dir
+from hirm_jax.fileio import atomic_dir, sha256_file
 from hirm_jax.layouts import load_text_encoder, save_text_encoder
 from hirm_jax.masking import flatten, unflatten
 from hirm_jax.model import TextEncoder, TextEncoderConfig
@@ -182,7 +182,7 @@ def _write_delta(loaded: Run, out_dir: Path, overwrite: bool) -> Path:
                 "hirm_jax_version": hirm_jax.__version__}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / DELTA_WEIGHTS), metadata=metadata)
-        config["delta_file_sha256"] = _file_sha256(tmp / DELTA_WEIGHTS)
+        config["delta_file_sha256"] = sha256_file(tmp / DELTA_WEIGHTS)
         (tmp / DELTA_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 

@@ -33,8 +33,10 @@ METHODS = ("hirm_r", "hirm_s", "early_block", "full_finetune", "joint", "average
 FULL_SEEDS_PER_CELL = 5
 
 
-def _configure(config, method: str):
+def _configure(config, method: str, preservation_weight=None):
     with config.unlocked():
+        if preservation_weight is not None:
+            config.preservation.weight = preservation_weight
         if method == "hirm_r":
             config.objective.name = "hirm_r"
         if method == "early_block":
@@ -44,13 +46,13 @@ def _configure(config, method: str):
     return config
 
 
-def _erase(world, concepts: list[str], method: str, out: Path) -> Path:
+def _erase(world, concepts: list[str], method: str, out: Path, preservation_weight=None) -> Path:
     """Erase `concepts` (jointly when several, all of one kind) and export the encoder folder."""
     from hirm_jax import world as w
     from hirm_jax.demo import erase_config
     from hirm_jax.export import export_full
     from hirm_jax.train import train_and_evaluate
-    config = _configure(erase_config(world, concepts[0], "hirm_s", out), method)
+    config = _configure(erase_config(world, concepts[0], "hirm_s", out), method, preservation_weight)
     if len(concepts) > 1:
         retain = [w.caption(o, s, w.TRAIN_TEMPLATES[0]) for o in w.OBJECTS for s in w.STYLES
                   if o not in concepts and s not in concepts]
@@ -90,7 +92,8 @@ def _judge(world, encoder_folder, grid, targets: list[str]) -> list[dict]:
 
 
 def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concepts: Sequence[str] = (),
-                  seeds_per_cell: int = 2, world_path=None) -> dict:
+                  seeds_per_cell: int = 2, world_path=None, preservation_weight=None) -> dict:
+    """`preservation_weight` overrides the demo's (10); 0 gives the methods as the paper has them."""
     from hirm_jax import provenance
     from hirm_jax import world as w
     from hirm_jax.demo import benchmark_grid, figures, judged_rows
@@ -112,7 +115,7 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
                 folder = out_dir / method / "_".join(group)
                 folder.mkdir(parents=True, exist_ok=True)
                 if method == "joint":
-                    encoder = _erase(world, group, "hirm_s", folder)
+                    encoder = _erase(world, group, "hirm_s", folder, preservation_weight)
                 else:
                     encoder = _average([out_dir / "hirm_s" / c / "erase" for c in group], folder)
                 rows += _judge(world, encoder, grid, group)
@@ -121,10 +124,11 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
             for c in concepts:
                 folder = out_dir / method / c
                 folder.mkdir(parents=True, exist_ok=True)
-                rows += _judge(world, _erase(world, [c], method, folder), grid, [c])
+                rows += _judge(world, _erase(world, [c], method, folder, preservation_weight), grid, [c])
         results[method] = _per_kind(ua_ira_cra(rows), concepts)
     partial = seeds_per_cell < FULL_SEEDS_PER_CELL or set(concepts) != set(w.OBJECTS + w.STYLES) or list(methods) != list(METHODS)
     report = dict(suite="demo-world", version="1.0", partial=partial, seeds_per_cell=seeds_per_cell, concepts=concepts,
+                  preservation_weight=preservation_weight,
                   methods=results, before={k: _mean_kind(before, k) for k in ("object", "style")},
                   seconds=time.perf_counter() - t0, world_sha256=world.config.get("sha256"), provenance=provenance.provenance())
     write_json(out_dir / "results.json", report)
@@ -153,8 +157,10 @@ def _mean_kind(before: dict, kind: str) -> dict:
 
 def markdown(report: dict) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
+    weight = report.get("preservation_weight")
     lines = [f"Demo-world benchmark ({'partial: ' if report['partial'] else ''}{len(report['concepts'])} concepts, "
-             f"{report['seeds_per_cell']} seeds per cell), mean over erased concepts, %", "",
+             f"{report['seeds_per_cell']} seeds per cell, preservation weight "
+             f"{'10 (demo default)' if weight is None else weight}), mean over erased concepts, %", "",
              "| method | object UA | object IRA | object CRA | style UA | style IRA | style CRA |", "|---|---|---|---|---|---|---|"]
     rows = [("before erasure", report["before"])] + list(report["methods"].items())
     for name, r in rows:
@@ -170,8 +176,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--concepts", nargs="*", default=[])
     parser.add_argument("--seeds-per-cell", type=int, default=FULL_SEEDS_PER_CELL)
     parser.add_argument("--world")
+    parser.add_argument("--preservation-weight", type=float, help="override the demo's 10 (0: the paper's methods)")
     args = parser.parse_args(argv)
-    run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, args.world)
+    run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, args.world, args.preservation_weight)
     return 0
 
 
