@@ -56,12 +56,8 @@ def caption_table(tokenizer):
     for s, style in enumerate(data.ALL_STYLES):
         rows += [(data.caption("", style, t), -1, s) for t in data.STYLE_ONLY_TEMPLATES]
     texts, objs, styles = zip(*rows)
-    ids = tokenize(tokenizer, list(texts), TRAIN_LENGTH)
+    ids = encode_prompts(tokenizer, list(texts), max_length=TRAIN_LENGTH)["input_ids"]
     return ids, np.array(objs), np.array(styles)
-
-
-def tokenize(tokenizer, texts, length=77):
-    return encode_prompts(tokenizer, texts, max_length=length)["input_ids"]
 
 
 def _normalize(x):
@@ -147,7 +143,8 @@ def zero_shot_accuracy(encoder, tower, tower_params, tokenizer, seed, n=1000):
     scores = 0
     for template in data.HELDOUT_TEMPLATES:
         texts = [data.caption(data.ALL_OBJECTS[o], data.ALL_STYLES[s], template) for o, s in cells]
-        pooled = encoder.apply(encoder.params, tokenize(tokenizer, texts, TRAIN_LENGTH))["pooled_output"]
+        ids = encode_prompts(tokenizer, texts, max_length=TRAIN_LENGTH)["input_ids"]
+        pooled = encoder.apply(encoder.params, ids)["pooled_output"]
         scores = scores + image_emb @ _normalize(pooled).T
     best = np.asarray(jnp.argmax(scores, axis=1))
     pred_obj = np.array([cells[b][0] for b in best])
