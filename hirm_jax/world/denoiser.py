@@ -151,7 +151,7 @@ def train_denoiser(embed, seed: int = 0, steps: int = 4000, batch: int = 64, lr:
     gen = torch.Generator().manual_seed(seed)
     start = 0
     if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=True)  # tensors, numbers and the RNG state only
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
