@@ -47,7 +47,7 @@ def trained(workdir, concept=None):
 
 # The key bias cannot change attention (softmax ignores a shift shared by a row's logits), so its
 # true gradient is 0 and Adam turns float rounding noise into +-lr steps that differ with the
-# reduction order of each mesh. It is compared through the outputs it cannot affect instead.
+# reduction order of each mesh. It is left out of these comparisons (it cannot change any output).
 INERT = "self_attn/k_proj/bias"
 
 
