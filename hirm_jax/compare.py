@@ -21,22 +21,28 @@ from hirm_jax import export, masking, textreport
 from hirm_jax.fileio import atomic_file, write_json
 
 
+def average_runs(runs: list) -> dict:
+    """base + mean_i(erased_i - base) over the trained leaves of several `export.Run`s of one base."""
+    base = masking.flatten(runs[0].base.params)
+    averaged = dict(base)
+    for path in runs[0].run["trainable_paths"]:
+        start = np.asarray(base[path], np.float32)
+        averaged[path] = start + np.mean(
+            [np.asarray(masking.flatten(r.erased_params)[path], np.float32) - start for r in runs], axis=0)
+    return masking.unflatten(averaged)
+
+
 def averaged_params(independent_workdir: str | os.PathLike):
-    """(base encoder, base + mean of the per-concept deltas) of a joint=False workdir."""
+    """(base encoder, averaged params, concept names) of a joint=False workdir."""
     workdir = Path(independent_workdir)
     index = workdir / "index.json"
     if not index.is_file():
         raise export.RunError(f"{workdir} has no index.json: it is not a finished joint=False (one delta per concept) run")
     folders = json.loads(index.read_text())["concepts"]
-    runs = [export.load_run(workdir / folder) for folder in folders.values()]
-    base = masking.flatten(runs[0].base.params)
-    paths = runs[0].run["trainable_paths"]
-    averaged = dict(base)
-    for path in paths:
-        deltas = [np.asarray(masking.flatten(r.erased_params)[path], np.float32) - np.asarray(base[path], np.float32)
-                  for r in runs]
-        averaged[path] = np.asarray(base[path], np.float32) + np.mean(deltas, axis=0)
-    return runs[0].base, masking.unflatten(averaged), sorted(folders)
+    paths = [workdir / folder for folder in folders.values()]
+    first = export.load_run(paths[0])
+    runs = [first] + [export.load_run(p, first.base) for p in paths[1:]]  # the base is read once
+    return runs[0].base, average_runs(runs), sorted(folders)
 
 
 def compare_joint_vs_average(joint_workdir: str | os.PathLike, independent_workdir: str | os.PathLike,

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-from hirm_jax.fileio import atomic_file, write_json
+from hirm_jax.fileio import atomic_file, sha256_file, write_json
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -216,14 +216,6 @@ def pipeline_fingerprint(pipeline_dir: str | os.PathLike, chunk: int = 1 << 20, 
     return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def delta_fingerprint(delta_dir: str | os.PathLike) -> dict:
     from hirm_jax.delta import load_delta
     delta = load_delta(delta_dir)
@@ -378,7 +370,7 @@ def generate(pipeline_dir: str | os.PathLike, rows: Sequence[PromptRow], out_dir
     out_dir = Path(out_dir)
     jobs = plan_jobs(rows, settings)
     fingerprints = {"pipeline": pipeline_fingerprint(pipeline_dir), "deltas": [delta_fingerprint(d) for d in deltas],
-                    "denoiser": file_sha256(denoiser) if denoiser else None}
+                    "denoiser": sha256_file(denoiser) if denoiser else None}
     record = {"pipeline": str(pipeline_dir), "pipeline_class": info["class_name"], "settings": dataclasses.asdict(settings),
               "fingerprints": fingerprints, **(extra or {})}
     _check_resume(out_dir, record, create=False)  # every process, so a refusal stops them all

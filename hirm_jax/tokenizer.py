@@ -48,7 +48,7 @@ def clip_bpe_path() -> Path:
     return path
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable unicode symbols."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes = printable[:]
@@ -64,7 +64,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def clip_vocab_and_merges(bpe_path: Optional[Path] = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     lines = gzip.open(bpe_path or clip_bpe_path()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]  # line 0 is a version header
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != 49408:

@@ -66,15 +66,12 @@ def _erase(world, concepts: list[str], method: str, out: Path, preservation_weig
 
 
 def _average(single_runs: list[Path], out: Path) -> Path:
-    from hirm_jax import export, masking
+    from hirm_jax import export
+    from hirm_jax.compare import average_runs
     from hirm_jax.layouts import save_text_encoder
-    loaded = [export.load_run(p) for p in single_runs]
-    base = masking.flatten(loaded[0].base.params)
-    averaged = dict(base)
-    for path in loaded[0].run["trainable_paths"]:
-        averaged[path] = np.asarray(base[path]) + np.mean(
-            [np.asarray(masking.flatten(r.erased_params)[path]) - np.asarray(base[path]) for r in loaded], axis=0)
-    return save_text_encoder(loaded[0].base, out / "text_encoder", params=masking.unflatten(averaged), overwrite=True)
+    first = export.load_run(single_runs[0])
+    loaded = [first] + [export.load_run(p, first.base) for p in single_runs[1:]]
+    return save_text_encoder(loaded[0].base, out / "text_encoder", params=average_runs(loaded), overwrite=True)
 
 
 def _judge(world, encoder_folder, grid, targets: list[str]) -> list[dict]:

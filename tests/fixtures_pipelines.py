@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 from hirm_jax.masking import flatten, unflatten
 from hirm_jax.model import TextEncoder, TextEncoderConfig
+from hirm_jax.tokenizer import bytes_to_unicode
 from hirm_jax.weights import flax_to_hf
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -30,19 +31,8 @@ _MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "f</w>"), ("i", "n"), 
            ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("s", "t")]
 
 
-def _bytes_to_unicode() -> list[str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
 def _tiny_vocab() -> dict[str, int]:
-    symbols = _bytes_to_unicode()
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in _MERGES] + [BOS, EOS]
     return {t: i for i, t in enumerate(tokens)}
 

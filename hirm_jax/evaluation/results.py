@@ -10,12 +10,11 @@ results.json (sorted, indented):
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hirm_jax.fileio import atomic_file, write_json
+from hirm_jax.fileio import atomic_file, sha256_file, write_json
 
 SCHEMA = "hirm_jax.eval_results"
 SCHEMA_VERSION = 1
@@ -76,7 +75,7 @@ def comparison_grid(pairs: Sequence[tuple[Path, Path, str]], out_path: Path, cel
 
 
 def file_sha256(path: Path) -> Optional[str]:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def write_results(out_dir: Path, results: dict, pairs: Sequence[tuple[Path, Path, str]] = ()) -> dict[str, Path]:

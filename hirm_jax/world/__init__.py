@@ -22,11 +22,11 @@ Rebuild everything with `hirm-jax world train --out DIR` (see hirm_jax.world.tra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional
 
+from hirm_jax.fileio import sha256_file as sha256
 from hirm_jax.world.data import (ALL_OBJECTS, ALL_STYLES, HELDOUT_TEMPLATES, OBJECT_ANCHOR, OBJECTS,
                                  STYLE_ANCHOR, STYLES, TRAIN_TEMPLATES, caption, render_cell, sample,
                                  super_category)
@@ -48,12 +48,6 @@ class WorldError(RuntimeError):
     """A world folder is missing, incomplete or corrupt."""
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
