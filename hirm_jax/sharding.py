@@ -106,6 +106,29 @@ def put(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(place, tree, shardings)
 
 
+def to_host(tree: Any) -> Any:
+    """numpy copies of (possibly sharded) arrays; on a multi-process run, arrays split across
+    processes are gathered first (a collective: every process must call it)."""
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree_util.tree_map(fetch, tree)
+
+
+def is_writer() -> bool:
+    """Process 0 writes the run's files; the others compute the same results and skip it."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        multihost_utils.sync_global_devices(name)
+
+
 def batch_spec(batch_size: int, mesh: Mesh) -> P:
     """Split a step's prompts over `data` when they divide evenly; otherwise replicate."""
     return P("data") if mesh.shape["data"] > 1 and batch_size % mesh.shape["data"] == 0 else P()

@@ -157,7 +157,11 @@ def pad_jobs(tree, num_padded: int):
 
 @dataclasses.dataclass
 class Setup:
-    """Everything built from the config before the loop."""
+    """Everything built from the config before the loop.
+
+    The jobs are trained in chunks of `chunk_size` (all of them at once unless
+    train.concepts_per_chunk is set); every chunk has the same padded shape, so one compiled
+    step serves them all. `state` and `per_job` are the first chunk's."""
     config: ml_collections.ConfigDict
     encoder: TextEncoder
     jobs: Jobs
@@ -168,7 +172,10 @@ class Setup:
     per_job: dict
     shared: dict
     batch_size: int
-    total_steps: int
+    total_steps: int  # per chunk
+    chunks: list  # [(first job, end job)]
+    new_state: Callable[[], dict]  # a fresh state for the next chunk
+    place_jobs: Callable[[int, int], dict]  # the per-job arrays of jobs [lo, hi), padded, on the mesh
 
 
 def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
@@ -183,8 +190,10 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
                                        config.encoder.tokenizer or None)
     prompts.check_prompt_lengths(concepts, config.templates, tokenizer, encoder.config.max_position_embeddings)
     jobs = build_jobs(config, encoder, tokenizer, concepts)
-    mesh = mesh or sharding.make_mesh(config.mesh, num_jobs=jobs.num_jobs)
-    num_padded = sharding.pad_to_multiple(jobs.num_jobs, mesh)
+    chunk_size = min(config.train.concepts_per_chunk or jobs.num_jobs, jobs.num_jobs)
+    chunks = [(lo, min(lo + chunk_size, jobs.num_jobs)) for lo in range(0, jobs.num_jobs, chunk_size)]
+    mesh = mesh or sharding.make_mesh(config.mesh, num_jobs=chunk_size)
+    num_padded = sharding.pad_to_multiple(chunk_size, mesh)
 
     hooks = tuple(config.objective.hooks)
     batch_size = config.train.batch_size or jobs.prompts_per_job
@@ -198,12 +207,12 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
 
     frozen_sh = sharding.frozen_shardings(mesh, frozen)
     frozen = sharding.put(frozen, frozen_sh)
-    per_job = sharding.put(pad_jobs(jobs.per_job, num_padded), sharding.per_job(mesh))
     shared = sharding.put(jobs.shared, sharding.replicated(mesh))
-    state = jax.jit(lambda t: init_state(t, optimizer, num_padded))(
-        sharding.put(trainable, sharding.replicated(mesh)))
-    state_sh = state_shardings(state, mesh)
-    state = jax.device_put(state, state_sh)
+    place_jobs = lambda lo, hi: sharding.put(
+        pad_jobs(jax.tree_util.tree_map(lambda x: x[lo:hi], jobs.per_job), num_padded), sharding.per_job(mesh))
+    base = sharding.put(trainable, sharding.replicated(mesh))
+    state_sh = state_shardings(jax.eval_shape(lambda t: init_state(t, optimizer, num_padded), base), mesh)
+    init = jax.jit(lambda t: init_state(t, optimizer, num_padded), out_shardings=state_sh)
     rep = sharding.replicated(mesh)
     step_fn = jax.jit(
         make_train_step(loss_fn, optimizer, spmd_axis_name="concept"),
@@ -211,14 +220,18 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
         out_shardings=(state_sh, sharding.per_job(mesh)),
         donate_argnums=0)
     total_steps = config.train.epochs * math.ceil(jobs.prompts_per_job / batch_size)
-    return Setup(config, encoder, jobs, mesh, step_fn, state, frozen, per_job, shared, batch_size, total_steps)
+    return Setup(config, encoder, jobs, mesh, step_fn, init(base), frozen, place_jobs(*chunks[0]), shared,
+                 batch_size, total_steps, chunks, lambda: init(base), place_jobs)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        stop_after: Optional[int] = None, mesh=None) -> dict[str, Any]:
-    """Erase the config's concepts; returns the summary also written to run.json.
+    """Erase the config's concepts; returns the summary also written to run.json (index.json
+    for joint=False runs).
 
     `stop_after` ends the run after that many steps (with a checkpoint), as an interruption would.
+    Checkpoints are numbered by global step, chunk * total_steps + step, so a resumed run knows
+    its chunk; a chunk's results are written when it ends, before the next chunk starts.
     """
     t0 = time.perf_counter()
     run = setup_run(config, mesh)
@@ -230,53 +243,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", resolved)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.checkpoints_to_keep)
-    state = run.state
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore_jobs(state, jobs.num_jobs)
-        print(f"resuming {workdir} from step {int(state['step'])} of {run.total_steps}", file=sys.stderr)
+    steps = run.total_steps
+    latest = ckpt.latest_step()
+    first_chunk = 0 if latest is None else (latest - 1) // steps
 
-    args = lambda step: (run.frozen, run.per_job, run.shared,
-                         *batch_indices(step, jobs.prompts_per_job, run.batch_size, config.train.seed))
-    compiled = run.step_fn.lower(state, *args(0)).compile()  # ahead, so compile and step times are separate
+    args = lambda per_job, step: (run.frozen, per_job, run.shared,
+                                  *batch_indices(step, jobs.prompts_per_job, run.batch_size, config.train.seed))
+    compiled = run.step_fn.lower(run.state, *args(run.per_job, 0)).compile()  # ahead: compile and step timed apart
     t_compile = time.perf_counter()
 
     metrics_path = workdir / "metrics.jsonl"
-    start = int(state["step"])
-    stop = run.total_steps if stop_after is None else min(run.total_steps, start + stop_after)
-    pending, t_train, metrics, t_ckpt = [], time.perf_counter(), None, 0.0
+    budget = math.inf if stop_after is None else stop_after
+    t_train = t_ckpt = 0.0
+    labels = len(run.chunks) > 1
     try:
-        for step in range(start, stop):
-            state, metrics = compiled(state, *args(step))
-            pending.append((step + 1, metrics))
-            done = step + 1
-            at_checkpoint = done % config.train.checkpoint_every == 0 or done == stop
-            if done % config.train.log_every == 0 or at_checkpoint:
-                _check_finite(state, jobs, ckpt, workdir)
-                _log(metrics_path, pending, jobs.num_jobs, done, run.total_steps, start, t_train)
-                pending = []
-            if at_checkpoint:
-                t_save = time.perf_counter()
-                ckpt.save(done, state, force=True)
-                t_ckpt += time.perf_counter() - t_save
+        for c in range(first_chunk, len(run.chunks)):
+            lo, hi = run.chunks[c]
+            state = run.state if c == first_chunk else run.new_state()
+            per_job = run.per_job if c == 0 else run.place_jobs(lo, hi)
+            if c == first_chunk and latest is not None:
+                state = ckpt.restore_jobs(state, hi - lo, step=latest)
+                print(f"resuming {workdir} from step {int(state['step'])} of {steps}"
+                      + (f" in chunk {c + 1} of {len(run.chunks)}" if labels else ""), file=sys.stderr)
+            start = int(state["step"])
+            stop = int(min(steps, start + budget))
+            pending, t_chunk, metrics = [], time.perf_counter(), None
+            for step in range(start, stop):
+                state, metrics = compiled(state, *args(per_job, step))
+                pending.append((step + 1, metrics))
+                done = step + 1
+                at_checkpoint = done % config.train.checkpoint_every == 0 or done == stop
+                if done % config.train.log_every == 0 or at_checkpoint:
+                    _check_finite(state, jobs, lo, hi, ckpt, workdir)
+                    _log(metrics_path, pending, hi - lo, done, steps, start, t_chunk, c if labels else None,
+                         len(run.chunks))
+                    pending = []
+                if at_checkpoint:
+                    t_save = time.perf_counter()
+                    ckpt.save(c * steps + done, state, force=True)
+                    t_ckpt += time.perf_counter() - t_save
+            budget -= stop - start
+            t_train += time.perf_counter() - t_chunk
+            if int(state["step"]) < steps:
+                return dict(status="interrupted", step=int(state["step"]), total_steps=steps, chunk=c,
+                            chunks=len(run.chunks))
+            written = all((_job_folder(run, workdir, j) / "run.json").is_file() for j in range(lo, hi))
+            if metrics is not None or not written:  # (resumed at a chunk's end: its results may be written)
+                final_losses = None if metrics is None else sharding.to_host(metrics["loss"])[: hi - lo]
+                _write_job_results(run, state, lo, hi, workdir, resolved, final_losses)
+                sharding.barrier(f"hirm_jax results of chunk {c}")
     finally:
         t_save = time.perf_counter()
         ckpt.close()
         t_ckpt += time.perf_counter() - t_save
-    t_end = time.perf_counter()
-    if int(state["step"]) < run.total_steps:
-        return dict(status="interrupted", step=int(state["step"]), total_steps=run.total_steps)
 
-    timings = dict(load=t_load - t0, compile=t_compile - t_load, train=t_end - t_train - t_ckpt, checkpoint=t_ckpt)
-    final_losses = np.asarray(jax.device_get(metrics["loss"]))[: jobs.num_jobs] if metrics is not None else None
-    summaries = _write_results(run, state, workdir, resolved, timings, final_losses)
+    timings = dict(load=t_load - t0, compile=t_compile - t_load, train=t_train - t_ckpt, checkpoint=t_ckpt)
+    summary = _write_summary(run, workdir, timings)
     _plot_loss(metrics_path, workdir / "loss.png")
-    print(f"erased {sum(len(c) for c in jobs.concepts)} concept(s) in {jobs.num_jobs} job(s), "
-          f"{run.total_steps} steps: load {timings['load']:.1f}s compile {timings['compile']:.1f}s "
+    print(f"erased {sum(len(c) for c in jobs.concepts)} concept(s) in {jobs.num_jobs} job(s)"
+          + (f" ({len(run.chunks)} chunks)" if labels else "")
+          + f", {steps} steps: load {timings['load']:.1f}s compile {timings['compile']:.1f}s "
           f"train {timings['train']:.1f}s -> {workdir}", file=sys.stderr)
     if config.report.enabled:
         from hirm_jax import textreport  # noqa: PLC0415  (plotting stays off the training path)
         textreport.report_for_run(workdir)
-    return dict(status="done", **summaries[0]) if config.joint else dict(status="done", jobs=summaries)
+    return dict(status="done", **summary)
 
 
 def slug(name: str) -> str:
@@ -285,32 +316,56 @@ def slug(name: str) -> str:
     return f"{readable}-{zlib.crc32(name.encode('utf-8')):08x}"
 
 
-def _write_results(run: Setup, state, workdir: Path, resolved: dict, timings: dict, final_losses) -> list[dict]:
-    config, jobs = run.config, run.jobs
-    trainable = jax.device_get(state["trainable"])
-    common = dict(
+def _common_summary(run: Setup, resolved: dict) -> dict:
+    config = run.config
+    return dict(
         base=dict(source=_absolute_if_local(config.encoder.path), component=config.encoder.component or None),
         component_name=config.encoder.component or "text_encoder",
         encoder_config=dataclasses.asdict(run.encoder.config),
         concept_type=config.concept_type, objective=resolved["objective"],
         preservation=resolved["preservation"], train=resolved["train"], method="hirm",
-        seed=config.train.seed, steps=run.total_steps, timings_s=timings, **provenance.provenance())
-    summaries, index = [], {}
-    for j, (concepts, pairs) in enumerate(zip(jobs.concepts, jobs.prompt_pairs)):
-        folder = workdir if config.joint else workdir / "concepts" / slug(concepts[0].name)
+        seed=config.train.seed, steps=run.total_steps, **provenance.provenance())
+
+
+def _job_folder(run: Setup, workdir: Path, job: int) -> Path:
+    return workdir if run.config.joint else workdir / "concepts" / slug(run.jobs.concepts[job][0].name)
+
+
+def _write_job_results(run: Setup, state, lo: int, hi: int, workdir: Path, resolved: dict, final_losses) -> None:
+    """Jobs [lo, hi) of a finished chunk: erased_trainable.safetensors and run.json each."""
+    trainable = sharding.to_host(state["trainable"])
+    if not sharding.is_writer():
+        return
+    common = _common_summary(run, resolved)
+    for j in range(lo, hi):
+        concepts, pairs = run.jobs.concepts[j], run.jobs.prompt_pairs[j]
+        folder = _job_folder(run, workdir, j)
         folder.mkdir(parents=True, exist_ok=True)
-        trained = {p: np.asarray(v[j], np.float32) for p, v in trainable.items()}
+        trained = {p: np.asarray(v[j - lo], np.float32) for p, v in trainable.items()}
         with atomic_file(folder / "erased_trainable.safetensors", "wb") as f:
             f.write(safetensors_bytes(trained, metadata={"format": "flax", "producer": f"hirm_jax {hirm_jax.__version__}"}))
-        summary = dict(common, concepts=[c.name for c in concepts], anchors={c.name: c.anchor for c in concepts if c.anchor},
-                       prompts=[dataclasses.asdict(p) for p in pairs], trainable_paths=sorted(trained),
-                       final_loss=None if final_losses is None else float(final_losses[j]))
-        write_json(folder / "run.json", summary)
-        summaries.append(summary)
-        index[concepts[0].name] = str(folder.relative_to(workdir))
-    if not config.joint:
-        write_json(workdir / "index.json", dict(concepts=index, **{k: common[k] for k in ("base", "objective", "steps")}))
-    return summaries
+        write_json(folder / "run.json", dict(
+            common, concepts=[c.name for c in concepts], anchors={c.name: c.anchor for c in concepts if c.anchor},
+            prompts=[dataclasses.asdict(p) for p in pairs], trainable_paths=sorted(trained),
+            final_loss=None if final_losses is None else float(final_losses[j - lo])))
+
+
+def _write_summary(run: Setup, workdir: Path, timings: dict) -> dict:
+    """Add the run's timings to run.json (joint) or write index.json (one delta per concept)."""
+    folders = [_job_folder(run, workdir, j) for j in range(run.jobs.num_jobs)]
+    if run.config.joint:
+        summary = dict(json.loads((workdir / "run.json").read_text()), timings_s=timings)
+        if sharding.is_writer():
+            write_json(workdir / "run.json", summary)
+        return summary
+    common = json.loads((folders[0] / "run.json").read_text())
+    index = dict(concepts={jobs[0].name: str(folder.relative_to(workdir))
+                           for jobs, folder in zip(run.jobs.concepts, folders)},
+                 **{k: common[k] for k in ("base", "objective", "steps")},
+                 chunks=[list(chunk) for chunk in run.chunks], timings_s=timings)
+    if sharding.is_writer():
+        write_json(workdir / "index.json", index)
+    return dict(index, jobs=[json.loads((folder / "run.json").read_text()) for folder in folders])
 
 
 def _absolute_if_local(path: str) -> str:
@@ -331,30 +386,35 @@ def _check_workdir(workdir: Path, resolved: dict) -> None:
                 "(the mesh may differ; use a new --workdir to start another run)")
 
 
-def _check_finite(state, jobs: Jobs, ckpt: Checkpointer, workdir: Path) -> None:
-    bad = np.asarray(jax.device_get(state["bad_step"]))[: jobs.num_jobs]
+def _check_finite(state, jobs: Jobs, lo: int, hi: int, ckpt: Checkpointer, workdir: Path) -> None:
+    bad = sharding.to_host(state["bad_step"])[: hi - lo]
     if (bad >= 0).any():
         ckpt.close()
         j = int(np.argmax(bad >= 0))
-        names = [c.name for c in jobs.concepts[j]]
+        names = [c.name for c in jobs.concepts[lo + j]]
         raise NonFiniteLossError(
             f"loss or gradient became NaN/inf at step {int(bad[j]) + 1} (concepts {names}); stopped. "
-            f"The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir / 'checkpoints'}; "
+            f"The last good checkpoint (global step {ckpt.latest_step()}) is kept in {workdir / 'checkpoints'}; "
             "lower train.learning_rate, set train.grad_clip_norm, or check objective.scale")
 
 
-def _log(metrics_path: Path, pending: list, num_jobs: int, done: int, total: int, start: int, t_train: float) -> None:
-    host = jax.device_get(pending)
-    with open(metrics_path, "a") as f:
-        for step, m in host:
-            row = {k: float(np.mean(np.asarray(v)[:num_jobs])) for k, v in m.items()}
-            if num_jobs > 1:
-                row["loss_max"] = float(np.max(np.asarray(m["loss"])[:num_jobs]))
-            f.write(json.dumps({"step": step, **row}) + "\n")
-    per_step = (time.perf_counter() - t_train) / max(done - start, 1)
-    loss = float(np.mean(np.asarray(host[-1][1]["loss"])[:num_jobs]))
-    print(f"step {done}/{total}  loss {loss:.5g}  {per_step * 1000:.0f} ms/step  "
-          f"eta {per_step * (total - done):.0f}s", file=sys.stderr)
+def _log(metrics_path: Path, pending: list, num_jobs: int, done: int, total: int, start: int, t_chunk: float,
+         chunk: Optional[int], num_chunks: int) -> None:
+    host = [(step, sharding.to_host(m)) for step, m in pending]
+    label = {} if chunk is None else {"chunk": chunk}
+    if sharding.is_writer():
+        with open(metrics_path, "a") as f:
+            for step, m in host:
+                row = {k: float(np.mean(v[:num_jobs])) for k, v in m.items()}
+                if num_jobs > 1:
+                    row["loss_max"] = float(np.max(m["loss"][:num_jobs]))
+                f.write(json.dumps({**label, "step": step, **row}) + "\n")
+    per_step = (time.perf_counter() - t_chunk) / max(done - start, 1)
+    loss = float(np.mean(host[-1][1]["loss"][:num_jobs]))
+    where = "" if chunk is None else f"chunk {chunk + 1}/{num_chunks}  "
+    remaining = total - done + (0 if chunk is None else (num_chunks - chunk - 1) * total)
+    print(f"{where}step {done}/{total}  loss {loss:.5g}  {per_step * 1000:.0f} ms/step  "
+          f"eta {per_step * remaining:.0f}s", file=sys.stderr)
 
 
 def _plot_loss(metrics_path: Path, out: Path) -> None:
@@ -362,7 +422,12 @@ def _plot_loss(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    by_step = {r["step"]: r for r in rows}  # a resumed run may log a step twice: keep the last
+    last = {(r.get("chunk", 0), r["step"]): r for r in rows}  # a resumed run may log a step twice: keep the last
+    by_step = {}  # chunked runs: the mean over chunks
+    for (_, step), r in last.items():
+        by_step.setdefault(step, []).append(r)
+    by_step = {s: {k: float(np.mean([r[k] for r in rs])) for k in ("misdirection", "preservation")}
+               for s, rs in by_step.items()}
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     ax.plot(steps, [by_step[s]["misdirection"] for s in steps], label="misdirection")

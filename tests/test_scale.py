@@ -107,6 +107,26 @@ def test_batched_sharded_resume_on_another_mesh(encoder_dir, tmp_path):
         assert_close(a, b, tol=1e-6)
 
 
+def test_chunked_batch_equals_one_step_and_resumes_mid_chunk(encoder_dir, tmp_path):
+    config = config_for(encoder_dir, CONCEPTS, joint=False)
+    train_and_evaluate(config, tmp_path / "all", mesh=mesh_of(8, concept=4, data=2))
+    config.train.concepts_per_chunk = 2  # chunks of 2, 2 and 1 (padded) concepts, one compiled step
+    first = train_and_evaluate(config, tmp_path / "chunked", stop_after=8 + 6, mesh=mesh_of(2, concept=2))
+    assert (first["status"], first["chunk"], first["step"], first["chunks"]) == ("interrupted", 1, 6, 3)
+    done = {p.parent.name for p in (tmp_path / "chunked" / "concepts").glob("*/run.json")}
+    assert len(done) == 2  # the first chunk's results are written when it ends
+    # resumed on a 4-device concept axis: the saved 2-slot chunk is re-padded to 4 slots
+    summary = train_and_evaluate(config, tmp_path / "chunked", mesh=mesh_of(8, concept=4, data=2))
+    assert summary["status"] == "done" and summary["chunks"] == [[0, 2], [2, 4], [4, 5]]
+    for name in CONCEPTS:
+        assert_close(trained(tmp_path / "all", name), trained(tmp_path / "chunked", name))
+    saved = sorted(int(p.name) for p in (tmp_path / "chunked" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [20, 24]  # global steps (chunk * 8 + step); older chunks' states are not kept
+    config.joint = True
+    with pytest.raises(ConfigError, match="concepts_per_chunk=2 applies to joint=False runs only"):
+        train_and_evaluate(config, tmp_path / "joint")
+
+
 def test_frozen_untouched_after_full_run(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS[:2], joint=False)
     train_and_evaluate(config, tmp_path / "run", mesh=mesh_of(8, concept=2, data=2, fsdp=2))
