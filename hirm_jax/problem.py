@@ -13,6 +13,7 @@ step. Frozen targets are computed here ONCE, before training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from typing import Callable
 
@@ -43,7 +44,15 @@ class Jobs:
 
 
 def make_encode_fn(encoder: TextEncoder, hooks, use_attention_mask: bool) -> Callable:
-    """jitted (params, ids, mask) -> {hook: [B, T', D]}."""
+    """jitted (params, ids, mask) -> {hook: [B, T', D]}. One function per (architecture, hooks,
+    mask rule), shared by every caller, so building many jobs or reports compiles each shape once."""
+    return _encode_fn(encoder.config, tuple(hooks), bool(use_attention_mask))
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(config, hooks: tuple, use_attention_mask: bool) -> Callable:
+    encoder = TextEncoder(config, None)
+
     def encode(params, ids, mask):
         out = encoder.apply(params, ids, mask if use_attention_mask else None)
         return {h: objectives.read_hook(out, h) for h in hooks}

@@ -85,7 +85,8 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
                 targets: Optional[np.ndarray] = None, paraphrase_targets: Optional[np.ndarray] = None,
                 hook: str = "last_mlp_out", token_positions: str = "all_but_bos",
                 position_mask: Optional[np.ndarray] = None, use_attention_mask: bool = False,
-                out_dir: Optional[str | os.PathLike] = None, provenance_info: Optional[dict] = None) -> dict:
+                out_dir: Optional[str | os.PathLike] = None, provenance_info: Optional[dict] = None,
+                originals: Optional[dict] = None) -> dict:
     """Compare the erased and the original encoder on three prompt sets; returns the report dict.
 
     targets / paraphrase_targets: the misdirection target per prompt, [N, T, D] at `hook`, or
@@ -94,6 +95,9 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
     token_positions: objectives' rule (all_but_bos, all, non_padding_but_bos);
     position_mask ([T] bool) overrides it for every set.
     With out_dir, writes text_report.{json,md,png} there (each file atomically).
+    originals: a dict prompt -> the base encoder's representation, read and filled here; pass
+    the same dict to every report of one base/hook/mask rule (a batch of concepts shares its
+    ordinary prompts, which are then encoded by the base encoder once).
     """
     from hirm_jax.problem import encode_in_chunks, make_encode_fn, tokenize
 
@@ -109,7 +113,12 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
     everything = [p for _, prompts, _ in named for p in prompts]
     ids, mask = tokenize(tokenizer, everything, base.config.max_position_embeddings)
     encode_fn = make_encode_fn(base, (hook,), use_attention_mask)
-    original = encode_in_chunks(encode_fn, base.params, ids, mask)[hook]
+    originals = {} if originals is None else originals
+    new = list(dict.fromkeys(p for p in everything if p not in originals))
+    if new:
+        reps = encode_in_chunks(encode_fn, base.params, *tokenize(tokenizer, new, base.config.max_position_embeddings))
+        originals.update(zip(new, reps[hook]))
+    original = np.stack([originals[p] for p in everything])
     erased = encode_in_chunks(encode_fn, erased_params, ids, mask)[hook]
     if position_mask is not None:
         positions = np.broadcast_to(np.asarray(position_mask, bool), original.shape[:2])
@@ -281,7 +290,8 @@ def report_for_run(workdir: str | os.PathLike, out_dir: Optional[str | os.PathLi
     index = workdir / "index.json"
     if not (workdir / "run.json").is_file() and index.is_file():
         concepts = json.loads(index.read_text())["concepts"]
-        reports = [_report_one(workdir / folder, None) for folder in concepts.values()]
+        cache = {}  # base encoder, tokenizer and base representations, loaded/encoded once for all
+        reports = [_report_one(workdir / folder, None, cache=cache) for folder in concepts.values()]
         write_summary(dict(zip(concepts, reports)), out_dir or workdir)
         return reports
     return [_report_one(workdir, out_dir, erased_params)]
@@ -314,13 +324,16 @@ def write_summary(reports: dict[str, dict], out_dir: str | os.PathLike) -> dict:
     return rows
 
 
-def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_params=None) -> dict:
+def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_params=None,
+                cache: Optional[dict] = None) -> dict:
     import ml_collections
 
     from hirm_jax import export, prompts
     from hirm_jax.problem import build_jobs
 
-    loaded = export.load_run(workdir)
+    cache = {} if cache is None else cache
+    loaded = export.load_run(workdir, base=cache.get("base"))
+    cache["base"] = loaded.base
     config_path = _find_config(workdir)
     try:
         resolved = json.loads(config_path.read_text())
@@ -328,8 +341,10 @@ def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_para
         raise export.RunError(f"{config_path} is missing or corrupt ({e}); run `hirm-jax erase` first") from e
     config = ml_collections.ConfigDict(resolved)
     concepts = [c for c in prompts.concepts_from_config(config) if c.name in loaded.run["concepts"]]
-    tokenizer = prompts.load_tokenizer(config.encoder.path, config.encoder.component or None,
-                                       config.encoder.tokenizer or None)
+    if "tokenizer" not in cache:
+        cache["tokenizer"] = prompts.load_tokenizer(config.encoder.path, config.encoder.component or None,
+                                                    config.encoder.tokenizer or None)
+    tokenizer = cache["tokenizer"]
     base = TextEncoder(loaded.base.config.replace(dtype=config.encoder.dtype), loaded.base.params)
     hook = config.objective.hooks[0]
 
@@ -361,6 +376,7 @@ def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_para
         targets=targets, paraphrase_targets=np.concatenate(paraphrase_targets) if paraphrase_targets else None,
         hook=hook, token_positions=config.objective.token_positions,
         use_attention_mask=config.encoder.use_attention_mask, out_dir=out_dir or workdir,
+        originals=cache.setdefault("originals", {}),
         provenance_info={"workdir": str(workdir.resolve()), "base": loaded.run["base"],
                          "concepts": loaded.run.get("concepts"), "objective": loaded.run.get("objective"),
                          "trained_git_hash": loaded.run.get("git_hash"),

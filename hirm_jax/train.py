@@ -241,7 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     t_load = time.perf_counter()
 
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "config.json", resolved)
+    if sharding.is_writer():
+        write_json(workdir / "config.json", resolved)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.checkpoints_to_keep)
     steps = run.total_steps
     latest = ckpt.latest_step()
@@ -292,6 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                 final_losses = None if metrics is None else sharding.to_host(metrics["loss"])[: hi - lo]
                 _write_job_results(run, state, lo, hi, workdir, resolved, final_losses)
                 sharding.barrier(f"hirm_jax results of chunk {c}")
+            state = metrics = None  # free this chunk's state before the next one is made
     finally:
         t_save = time.perf_counter()
         ckpt.close()
@@ -299,14 +301,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     timings = dict(load=t_load - t0, compile=t_compile - t_load, train=t_train - t_ckpt, checkpoint=t_ckpt)
     summary = _write_summary(run, workdir, timings)
-    _plot_loss(metrics_path, workdir / "loss.png")
+    if sharding.is_writer():
+        _plot_loss(metrics_path, workdir / "loss.png")
     print(f"erased {sum(len(c) for c in jobs.concepts)} concept(s) in {jobs.num_jobs} job(s)"
           + (f" ({len(run.chunks)} chunks)" if labels else "")
           + f", {steps} steps: load {timings['load']:.1f}s compile {timings['compile']:.1f}s "
           f"train {timings['train']:.1f}s -> {workdir}", file=sys.stderr)
-    if config.report.enabled:
+    if config.report.enabled and sharding.is_writer():
         from hirm_jax import textreport  # noqa: PLC0415  (plotting stays off the training path)
         textreport.report_for_run(workdir)
+    sharding.barrier("hirm_jax run done")  # no process leaves before the files are written
     return dict(status="done", **summary)
 
 
