@@ -75,9 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.999
     c.train.adam_eps = 1e-8
     c.train.seed = 0
-    # joint=False: train at most this many concepts at once (0 = all of them in one step);
-    # the rest follow in chunks of the same size that reuse the compiled step (memory bound).
+    # joint=False: train at most this many concepts at once (0 = all of them in one step;
+    # -1 = as many as fit in train.memory_budget_gib per device, measured by XLA); the rest
+    # follow in chunks of the same size that reuse the compiled step.
     c.train.concepts_per_chunk = 0
+    c.train.memory_budget_gib = 0.0  # for concepts_per_chunk=-1; 0 = 90% of the device's memory
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     c.train.checkpoints_to_keep = 2
@@ -138,8 +140,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(name in TRAINABLE_MODULES,
                  f"train.trainable_modules entries must be in {list(TRAINABLE_MODULES)} but got {name!r}")
     _require(c.train.batch_size >= 0, f"train.batch_size must be >= 0 (0 = whole list) but is {c.train.batch_size}")
-    _require(c.train.concepts_per_chunk >= 0,
-             f"train.concepts_per_chunk must be >= 0 (0 = all concepts at once) but is {c.train.concepts_per_chunk}")
+    _require(c.train.concepts_per_chunk >= -1,
+             f"train.concepts_per_chunk must be >= 1, 0 (all concepts at once) or -1 (as many as fit in memory) "
+             f"but is {c.train.concepts_per_chunk}")
+    _require(c.train.memory_budget_gib >= 0, f"train.memory_budget_gib must be >= 0 but is {c.train.memory_budget_gib}")
     _require(c.train.concepts_per_chunk == 0 or not c.joint,
              f"train.concepts_per_chunk={c.train.concepts_per_chunk} applies to joint=False runs only "
              "(a joint run trains one encoder on all concepts)")

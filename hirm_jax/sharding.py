@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from hirm_jax.config_lib import ConfigError  # a ValueError naming the field and the rule
+
 AXES = ("concept", "data", "fsdp")
 
 
@@ -50,16 +52,16 @@ def mesh_shape(mesh_config, num_devices: int, num_jobs: int = 1) -> dict[str, in
         sizes["concept"] = max(d for d in range(1, rest + 1) if rest % d == 0 and d <= max(num_jobs, 1))
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
-        raise ValueError(f"at most one mesh axis may be -1 (the remaining devices) but {free} are")
+        raise ConfigError(f"at most one mesh axis may be -1 (the remaining devices) but {free} are")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if any(s == 0 or s < -1 for s in sizes.values()):
-        raise ValueError(f"mesh axis sizes must be positive or -1 but are {sizes}")
+        raise ConfigError(f"mesh axis sizes must be positive or -1 but are {sizes}")
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh {sizes} cannot use {num_devices} devices: {num_devices} is not divisible by {fixed}")
+            raise ConfigError(f"mesh {sizes} cannot use {num_devices} devices: {num_devices} is not divisible by {fixed}")
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are available; "
+        raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are available; "
                          "the product of the axis sizes must equal the device count")
     return sizes
 
@@ -104,6 +106,45 @@ def put(tree: Any, shardings: Any) -> Any:
     if isinstance(shardings, NamedSharding):
         return jax.tree_util.tree_map(lambda x: place(x, shardings), tree)
     return jax.tree_util.tree_map(place, tree, shardings)
+
+
+def step_bytes(compiled) -> int:
+    """Peak bytes per device of a compiled step, from XLA's memory analysis: arguments +
+    outputs - donated (aliased) buffers + temporaries."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def device_memory_bytes() -> int:
+    """Memory of one local device: what the accelerator reports, or on CPU the host's RAM
+    shared by its CPU devices."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+
+
+def fit_chunk(num_jobs: int, mesh: Mesh, step_bytes_for, budget_gib: float = 0.0) -> int:
+    """The most jobs per step (a multiple of the concept axis, at most num_jobs) whose step fits
+    the memory budget per device (budget_gib; 0 = 90% of the device's memory).
+
+    step_bytes_for(num_padded) compiles the step for that many job slots and returns its peak
+    bytes per device; memory is linear in the jobs per device, so two probes (1 and 2 per
+    device) give the slope, and the chosen size is checked with a third compile."""
+    budget = budget_gib * 2**30 if budget_gib > 0 else 0.9 * device_memory_bytes()
+    size = mesh.shape["concept"]
+    one, two = step_bytes_for(size), step_bytes_for(2 * size)
+    per_job = max(two - one, 1)
+    fixed = one - per_job
+    if one > budget:
+        raise ConfigError(f"one concept per device needs {one / 2**30:.2f} GiB per device but the memory budget is "
+                         f"{budget / 2**30:.2f} GiB (train.memory_budget_gib; 0 = 90% of the device): use more devices "
+                         "on the concept axis, fsdp for the frozen weights, or a smaller train.batch_size")
+    per_device = min(max(int((budget - fixed) // per_job), 1), -(-num_jobs // size))
+    while per_device > 1 and step_bytes_for(per_device * size) > budget:  # the linear model was optimistic
+        per_device = max(1, int(per_device * 0.9))
+    return min(num_jobs, per_device * size)
 
 
 def to_host(tree: Any) -> Any:

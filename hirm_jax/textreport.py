@@ -26,6 +26,8 @@ import io
 import json
 import os
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -86,7 +88,7 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
                 hook: str = "last_mlp_out", token_positions: str = "all_but_bos",
                 position_mask: Optional[np.ndarray] = None, use_attention_mask: bool = False,
                 out_dir: Optional[str | os.PathLike] = None, provenance_info: Optional[dict] = None,
-                originals: Optional[dict] = None) -> dict:
+                originals: Optional[dict] = None, with_plot: bool = True) -> dict:
     """Compare the erased and the original encoder on three prompt sets; returns the report dict.
 
     targets / paraphrase_targets: the misdirection target per prompt, [N, T, D] at `hook`, or
@@ -94,7 +96,8 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
     paraphrases. Without one, cos_to_target is omitted for that set.
     token_positions: objectives' rule (all_but_bos, all, non_padding_but_bos);
     position_mask ([T] bool) overrides it for every set.
-    With out_dir, writes text_report.{json,md,png} there (each file atomically).
+    With out_dir, writes text_report.{json,md,png} there (each file atomically; the PNG only
+    `with_plot`).
     originals: a dict prompt -> the base encoder's representation, read and filled here; pass
     the same dict to every report of one base/hook/mask rule (a batch of concepts shares its
     ordinary prompts, which are then encoded by the base encoder once).
@@ -153,7 +156,7 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
         "provenance": _provenance(provenance_info),
     }
     if out_dir is not None:
-        write_report(report, out_dir)
+        write_report(report, out_dir, with_plot)
     return report
 
 
@@ -213,14 +216,42 @@ def plot(report: dict) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
+def write_report(report: dict, out_dir: str | os.PathLike, with_plot: bool = True) -> Path:
     out_dir = Path(out_dir)
     write_json(out_dir / REPORT_JSON, report)
     with atomic_file(out_dir / REPORT_MD) as f:
         f.write(markdown(report))
-    with atomic_file(out_dir / REPORT_PNG, "wb") as f:
-        f.write(plot(report))
+    if with_plot:
+        with atomic_file(out_dir / REPORT_PNG, "wb") as f:
+            f.write(plot(report))
     return out_dir
+
+
+def plot_summary(rows: dict[str, dict]) -> bytes:
+    """One point per concept: drift of its own prompts against drift of ordinary prompts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = {n: r for n, r in rows.items() if r["drift_targets"] is not None and r["drift_ordinary"] is not None}
+    x = np.array([max(r["drift_ordinary"], 1e-12) for r in kept.values()])
+    y = np.array([max(r["drift_targets"], 1e-12) for r in kept.values()])
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    ax.scatter(x, y, s=12, alpha=0.7)
+    if len(kept):
+        low, high = min(x.min(), y.min()) / 2, max(x.max(), y.max()) * 2
+        ax.plot([low, high], [low, high], color="grey", lw=0.8, ls="--", label="selectivity 1")
+        ax.legend(loc="lower right")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("drift of ordinary prompts (keep low)")
+    ax.set_ylabel("drift of the concept's prompts (want high)")
+    ax.set_title(f"One delta per concept: {len(kept)} concepts")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- from a workdir
@@ -291,7 +322,11 @@ def report_for_run(workdir: str | os.PathLike, out_dir: Optional[str | os.PathLi
     if not (workdir / "run.json").is_file() and index.is_file():
         concepts = json.loads(index.read_text())["concepts"]
         cache = {}  # base encoder, tokenizer and base representations, loaded/encoded once for all
-        reports = [_report_one(workdir / folder, None, cache=cache) for folder in concepts.values()]
+        reports, t0, every = [], time.perf_counter(), max(1, len(concepts) // 20)
+        for i, folder in enumerate(concepts.values(), 1):
+            reports.append(_report_one(workdir / folder, None, cache=cache, with_plot=False))
+            if i % every == 0 or i == len(concepts):
+                print(f"text report {i}/{len(concepts)}  {(time.perf_counter() - t0) / i:.1f} s/concept", file=sys.stderr)
         write_summary(dict(zip(concepts, reports)), out_dir or workdir)
         return reports
     return [_report_one(workdir, out_dir, erased_params)]
@@ -321,11 +356,13 @@ def write_summary(reports: dict[str, dict], out_dir: str | os.PathLike) -> dict:
     write_json(out_dir / "text_report_summary.json", {"concepts": rows, "provenance": _provenance(None)})
     with atomic_file(out_dir / "text_report_summary.md") as f:
         f.write(summary_markdown(rows, "Text-space report, one delta per concept", "concept"))
+    with atomic_file(out_dir / "text_report_summary.png", "wb") as f:
+        f.write(plot_summary(rows))
     return rows
 
 
 def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_params=None,
-                cache: Optional[dict] = None) -> dict:
+                cache: Optional[dict] = None, with_plot: bool = True) -> dict:
     import ml_collections
 
     from hirm_jax import export, prompts
@@ -376,7 +413,7 @@ def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_para
         targets=targets, paraphrase_targets=np.concatenate(paraphrase_targets) if paraphrase_targets else None,
         hook=hook, token_positions=config.objective.token_positions,
         use_attention_mask=config.encoder.use_attention_mask, out_dir=out_dir or workdir,
-        originals=cache.setdefault("originals", {}),
+        originals=cache.setdefault("originals", {}), with_plot=with_plot,
         provenance_info={"workdir": str(workdir.resolve()), "base": loaded.run["base"],
                          "concepts": loaded.run.get("concepts"), "objective": loaded.run.get("objective"),
                          "trained_git_hash": loaded.run.get("git_hash"),

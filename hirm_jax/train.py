@@ -7,18 +7,20 @@ The loop: load the base encoder, build the jobs (prompts and frozen targets, com
 place everything on the mesh, then run one jitted, donated step in which only the trainable
 subtree is differentiated. Independent jobs (one delta per concept, `joint=False`) are
 stacked on a leading axis, vmapped and split over the mesh's `concept` axis; a joint run is
-the one-job case of the same step. The state (trainable leaves, Adam state, step) is
+the one-job case of the same step. With `train.concepts_per_chunk` the jobs are trained a
+chunk at a time, every chunk with the same compiled step. The state (trainable leaves, Adam state, step) is
 checkpointed with orbax every `train.checkpoint_every` steps; calling again on the same
 workdir resumes (also on another mesh) and ends bit-identical to an uninterrupted run.
 
 A finished workdir holds (the contract `hirm_jax.export` reads):
     config.json                     the resolved config
-    run.json                        base, concepts, anchors, objective, hyper-parameters, provenance
+    run.json                        base, concepts, anchors, objective, hyper-parameters, provenance, timings
     erased_trainable.safetensors    the trained leaves, keyed by Flax path
     metrics.jsonl, loss.png         the loss curve
     checkpoints/                    orbax training state
 and, for independent jobs, one folder per concept under concepts/ (each with its own
-run.json and erased_trainable.safetensors) plus index.json (concept -> folder).
+run.json and erased_trainable.safetensors) instead of the top-level two, plus index.json
+(concept -> folder, the chunks, timings). On a multi-process run process 0 writes them all.
 """
 
 from __future__ import annotations
@@ -190,10 +192,9 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
                                        config.encoder.tokenizer or None)
     prompts.check_prompt_lengths(concepts, config.templates, tokenizer, encoder.config.max_position_embeddings)
     jobs = build_jobs(config, encoder, tokenizer, concepts)
-    chunk_size = min(config.train.concepts_per_chunk or jobs.num_jobs, jobs.num_jobs)
-    chunks = [(lo, min(lo + chunk_size, jobs.num_jobs)) for lo in range(0, jobs.num_jobs, chunk_size)]
-    mesh = mesh or sharding.make_mesh(config.mesh, num_jobs=chunk_size)
-    num_padded = sharding.pad_to_multiple(chunk_size, mesh)
+    requested = config.train.concepts_per_chunk
+    mesh = mesh or sharding.make_mesh(config.mesh, num_jobs=min(requested, jobs.num_jobs) if requested > 0
+                                      else jobs.num_jobs)
 
     hooks = tuple(config.objective.hooks)
     batch_size = config.train.batch_size or jobs.prompts_per_job
@@ -208,20 +209,44 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     frozen_sh = sharding.frozen_shardings(mesh, frozen)
     frozen = sharding.put(frozen, frozen_sh)
     shared = sharding.put(jobs.shared, sharding.replicated(mesh))
-    place_jobs = lambda lo, hi: sharding.put(
-        pad_jobs(jax.tree_util.tree_map(lambda x: x[lo:hi], jobs.per_job), num_padded), sharding.per_job(mesh))
     base = sharding.put(trainable, sharding.replicated(mesh))
-    state_sh = state_shardings(jax.eval_shape(lambda t: init_state(t, optimizer, num_padded), base), mesh)
-    init = jax.jit(lambda t: init_state(t, optimizer, num_padded), out_shardings=state_sh)
+    # the state's shardings depend on its tree only, so one jitted step serves every chunk size
+    state_sh = state_shardings(jax.eval_shape(lambda t: init_state(t, optimizer, 1), base), mesh)
     rep = sharding.replicated(mesh)
     step_fn = jax.jit(
         make_train_step(loss_fn, optimizer, spmd_axis_name="concept"),
         in_shardings=(state_sh, frozen_sh, sharding.per_job(mesh), rep, rep, rep),
         out_shardings=(state_sh, sharding.per_job(mesh)),
         donate_argnums=0)
+    step_args = lambda per_job: (frozen, per_job, shared, *batch_indices(0, jobs.prompts_per_job, batch_size, 0))
+
+    if requested == -1:
+        def step_bytes(num_padded: int) -> int:
+            state = _abstract(jax.eval_shape(lambda t: init_state(t, optimizer, num_padded), base), state_sh)
+            per_job = _abstract(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((num_padded, *x.shape[1:]), x.dtype),
+                                                       jobs.per_job), sharding.per_job(mesh))
+            return sharding.step_bytes(step_fn.lower(state, *step_args(per_job)).compile())
+        chunk_size = sharding.fit_chunk(jobs.num_jobs, mesh, step_bytes, config.train.memory_budget_gib)
+        config.train.concepts_per_chunk = chunk_size  # recorded in config.json: a resume keeps the chunks
+        print(f"concepts_per_chunk=-1: {chunk_size} of {jobs.num_jobs} concepts per step fit the memory budget",
+              file=sys.stderr)
+    else:
+        chunk_size = min(requested or jobs.num_jobs, jobs.num_jobs)
+    chunks = [(lo, min(lo + chunk_size, jobs.num_jobs)) for lo in range(0, jobs.num_jobs, chunk_size)]
+    num_padded = sharding.pad_to_multiple(chunk_size, mesh)
+    place_jobs = lambda lo, hi: sharding.put(
+        pad_jobs(jax.tree_util.tree_map(lambda x: x[lo:hi], jobs.per_job), num_padded), sharding.per_job(mesh))
+    init = jax.jit(lambda t: init_state(t, optimizer, num_padded), out_shardings=state_sh)
     total_steps = config.train.epochs * math.ceil(jobs.prompts_per_job / batch_size)
     return Setup(config, encoder, jobs, mesh, step_fn, init(base), frozen, place_jobs(*chunks[0]), shared,
                  batch_size, total_steps, chunks, lambda: init(base), place_jobs)
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs with shardings (a tree of them, or one for every leaf)."""
+    if isinstance(shardings, NamedSharding):
+        shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
+    return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -234,8 +259,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     its chunk; a chunk's results are written when it ends, before the next chunk starts.
     """
     t0 = time.perf_counter()
-    run = setup_run(config, mesh)
-    config, jobs, workdir = run.config, run.jobs, Path(workdir)
+    workdir = Path(workdir)
+    run = setup_run(_keep_saved_chunking(config, workdir), mesh)
+    config, jobs = run.config, run.jobs
     resolved = json.loads(config.to_json())
     _check_workdir(workdir, resolved)
     t_load = time.perf_counter()
@@ -377,11 +403,23 @@ def _absolute_if_local(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
+def _keep_saved_chunking(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
+    """Resuming a concepts_per_chunk=-1 run: use the chunk size it chose (recorded in its
+    config.json), not a new fit to this machine's memory, so the chunks stay the same."""
+    saved = workdir / "config.json"
+    if config.train.concepts_per_chunk != -1 or not saved.is_file():
+        return config
+    chosen = json.loads(saved.read_text()).get("train", {}).get("concepts_per_chunk", 0)
+    config = config.copy_and_resolve_references()
+    config.train.concepts_per_chunk = chosen if chosen > 0 else -1
+    return config
+
+
 def _check_workdir(workdir: Path, resolved: dict) -> None:
     saved = workdir / "config.json"
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        ignore = {"log_every", "checkpoint_every", "checkpoints_to_keep"}
+        ignore = {"log_every", "checkpoint_every", "checkpoints_to_keep", "memory_budget_gib"}
         strip = lambda d: {**{k: v for k, v in d.items() if k != "mesh"},
                            "train": {k: v for k, v in d["train"].items() if k not in ignore}}
         if strip(previous) != strip(resolved):

@@ -127,6 +127,27 @@ def test_chunked_batch_equals_one_step_and_resumes_mid_chunk(encoder_dir, tmp_pa
         train_and_evaluate(config, tmp_path / "joint")
 
 
+def test_auto_chunk_is_the_largest_that_fits_the_budget(encoder_dir, tmp_path):
+    config = config_for(encoder_dir, CONCEPTS, joint=False)
+    mesh = mesh_of(2, concept=2)
+
+    def step_bytes(chunk):
+        config.train.concepts_per_chunk = chunk
+        run = setup_run(config, mesh)
+        return sharding.step_bytes(run.step_fn.lower(run.state, run.frozen, run.per_job, run.shared,
+                                                     *batch_indices(0, 1, run.batch_size, 0)).compile())
+    four, six = step_bytes(4), step_bytes(6)  # 2 and 3 concepts per device
+    assert six > four
+    config.train.concepts_per_chunk = -1
+    config.train.memory_budget_gib = (four + six) / 2 / 2**30
+    summary = train_and_evaluate(config, tmp_path / "auto", mesh=mesh)
+    assert summary["chunks"] == [[0, 4], [4, 5]]
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["concepts_per_chunk"] == 4
+    config.train.memory_budget_gib = four / 4 / 2**30
+    with pytest.raises(ConfigError, match="one concept per device needs .* GiB per device but the memory budget"):
+        setup_run(config, mesh)
+
+
 def test_frozen_untouched_after_full_run(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS[:2], joint=False)
     train_and_evaluate(config, tmp_path / "run", mesh=mesh_of(8, concept=2, data=2, fsdp=2))
@@ -175,6 +196,9 @@ def test_joint_beats_averaged_deltas_and_batch_summary(encoder_dir, tmp_path):
         train_and_evaluate(config, tmp_path / name)
     summary = json.loads((tmp_path / "independent" / "text_report_summary.json").read_text())
     assert sorted(summary["concepts"]) == sorted(concepts)
+    assert (tmp_path / "independent" / "text_report_summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "independent" / "concepts").glob("*/text_report.json"))) == 3
+    assert not list((tmp_path / "independent" / "concepts").glob("*/text_report.png"))  # one figure for all
     assert main(["compare", f"--joint={tmp_path / 'joint'}", f"--independent={tmp_path / 'independent'}",
                  f"--out={tmp_path / 'compare'}"]) == 0
     rows = json.loads((tmp_path / "compare" / "compare.json").read_text())["methods"]
