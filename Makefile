@@ -39,6 +39,9 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_encoder.py
 	$(BIN)/python bench/bench_erase.py
 	$(BIN)/python bench/bench_batch.py
+	$(BIN)/python bench/bench_batch.py --n 256 --chunk 64
+	$(BIN)/python bench/bench_report.py
+	$(BIN)/python bench/bench_many.py
 
 clean-venv:
 	rm -rf $(VENV) $(TF4_VENV)

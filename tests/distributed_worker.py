@@ -2,7 +2,7 @@
 
     JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
-    python tests/distributed_worker.py ENCODER_DIR WORKDIR MESH OUT_JSON
+    python tests/distributed_worker.py ENCODER_DIR WORKDIR MESH OUT_JSON CONCEPTS_PER_CHUNK
 
 MESH is "concept,data,fsdp" (e.g. "2,2,1"). The worker runs `train_and_evaluate` on the config
 of `make_config` and writes OUT_JSON: what `sharding.put` placed and which slices of the host
@@ -20,7 +20,7 @@ CONCEPTS = ("Van Gogh", "Monet", "Picasso")
 TEMPLATES = ("{}", "a painting by {}")  # 2 prompts per job: the batch splits over data=2
 
 
-def make_config(encoder_dir, concept=1, data=1, fsdp=1):
+def make_config(encoder_dir, concept=1, data=1, fsdp=1, concepts_per_chunk=0):
     """The batch (joint=False) config every process of the test runs."""
     from configs import tiny  # noqa: PLC0415
     c = tiny.get_config("hirm_s")
@@ -33,6 +33,7 @@ def make_config(encoder_dir, concept=1, data=1, fsdp=1):
     c.train.log_every = 3
     c.train.checkpoint_every = 3
     c.report.enabled = False
+    c.train.concepts_per_chunk = concepts_per_chunk
     c.mesh.concept, c.mesh.data, c.mesh.fsdp = concept, data, fsdp
     return c
 
@@ -42,7 +43,7 @@ def _slices(index) -> list:
 
 
 def main(argv: list[str]) -> int:
-    encoder_dir, workdir, mesh, out = argv
+    encoder_dir, workdir, mesh, out, chunk = argv
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: PLC0415  (after the environment)
 
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
     jax.make_array_from_callback = recording_make_array
     sharding.put = recording_put
     concept, data, fsdp = (int(x) for x in mesh.split(","))
-    summary = train_and_evaluate(make_config(encoder_dir, concept, data, fsdp), workdir)
+    summary = train_and_evaluate(make_config(encoder_dir, concept, data, fsdp, int(chunk)), workdir)
     report = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                   device_count=jax.device_count(), local_device_count=jax.local_device_count(),
                   status=summary["status"], placed=placed)

@@ -28,6 +28,11 @@ MESHES = {
     "concepts_across_processes": "2,2,1",  # jobs split over processes: outputs not fully addressable
     "data_across_processes": "1,2,2",  # each step's prompts split over processes: gradients all-reduced
 }
+CASES = {  # (mesh, train.concepts_per_chunk)
+    "concepts_across_processes": (MESHES["concepts_across_processes"], 0),
+    "data_across_processes": (MESHES["data_across_processes"], 0),
+    "chunks_of_2_across_processes": (MESHES["concepts_across_processes"], 2),  # 2 chunks, one job per process
+}
 
 
 def free_port() -> int:
@@ -36,7 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(encoder_dir, workdir: Path, mesh: str, logs: Path) -> list[dict]:
+def run_workers(encoder_dir, workdir: Path, mesh: str, chunk: int, logs: Path) -> list[dict]:
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -50,7 +55,7 @@ def run_workers(encoder_dir, workdir: Path, mesh: str, logs: Path) -> list[dict]
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         stdout, stderr = open(logs / f"worker{i}.out", "w"), open(logs / f"worker{i}.err", "w")
         procs.append((subprocess.Popen([sys.executable, str(WORKER), str(encoder_dir), str(workdir), mesh,
-                                        str(logs / f"worker{i}.json")],
+                                        str(logs / f"worker{i}.json"), str(chunk)],
                                        cwd=REPO, env=env, stdout=stdout, stderr=stderr), stdout, stderr))
     deadline, failed = time.monotonic() + TIMEOUT_S, None
     while any(p.poll() is None for p, _, _ in procs):
@@ -82,10 +87,10 @@ def single_process_run(encoder_dir, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("mesh", list(MESHES.values()), ids=list(MESHES))
-def test_two_processes_equal_single_process(encoder_dir, single_process_run, tmp_path, mesh):
+@pytest.mark.parametrize("mesh, chunk", list(CASES.values()), ids=list(CASES))
+def test_two_processes_equal_single_process(encoder_dir, single_process_run, tmp_path, mesh, chunk):
     workdir = tmp_path / "run"
-    reports = run_workers(encoder_dir, workdir, mesh, tmp_path / "logs")
+    reports = run_workers(encoder_dir, workdir, mesh, chunk, tmp_path / "logs")
 
     assert [r["process_index"] for r in reports] == list(range(NUM_PROCESSES))
     for r in reports:
@@ -96,18 +101,23 @@ def test_two_processes_equal_single_process(encoder_dir, single_process_run, tmp
             assert leaf["addressable"] == DEVICES_PER_PROCESS and not leaf["fully_addressable"], leaf
             assert leaf["requested"] == leaf["held"], leaf
     if MESHES["concepts_across_processes"] == mesh:
-        # 3 jobs padded to 4, split over concept=2: process 0 holds jobs 0-1, process 1 jobs 2-3
+        # 3 jobs padded to 4 (chunks of 2: 2 slots), split over concept=2: process 0 holds the
+        # first half of the slots, process 1 the second
+        slots = chunk or 4
         per_job = [[leaf for leaf in r["placed"] if leaf["spec"] == "P('concept',)"] for r in reports]
         assert per_job[0] and len(per_job[0]) == len(per_job[1])
         for i, leaves in enumerate(per_job):
             for leaf in leaves:
-                assert leaf["shape"][0] == 4
-                assert {json.dumps(json.loads(h)[0]) for h in leaf["held"]} == {json.dumps([2 * i, 2 * i + 2])}, leaf
+                assert leaf["shape"][0] == slots
+                half = slots // 2
+                assert {json.dumps(json.loads(h)[0]) for h in leaf["held"]} == {json.dumps([half * i, half * (i + 1)])}, leaf
 
     # one set of outputs in the shared workdir, equal to the single-process run
     index = json.loads((workdir / "index.json").read_text())
     assert sorted(index["concepts"]) == sorted(CONCEPTS)
-    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7)), "every step is logged once (by one process)"
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    chunks = 2 if chunk else 1
+    assert [(r.get("chunk", 0), r["step"]) for r in rows] == [(c, s) for c in range(chunks) for s in range(1, 7)], \
+        "every step is logged once (by one process)"
     for name in CONCEPTS:
         assert_close(trained(workdir, name), trained(single_process_run, name))
