@@ -196,11 +196,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict) -> bytes:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _png(fig) -> bytes:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def plot(report: dict) -> bytes:
+    plt = _pyplot()
     names = [n for n in SETS if n in report["sets"]]
     data = [[max(p["drift"], 1e-12) for p in report["sets"][n]["per_prompt"]] for n in names]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -209,11 +221,7 @@ def plot(report: dict) -> bytes:
     ax.set_yscale("log")
     ax.set_ylabel("relative drift ||h_e - h_o|| / ||h_o||")
     ax.set_title(f"Representation drift at {report['hook']}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def write_report(report: dict, out_dir: str | os.PathLike, with_plot: bool = True) -> Path:
@@ -229,10 +237,7 @@ def write_report(report: dict, out_dir: str | os.PathLike, with_plot: bool = Tru
 
 def plot_summary(rows: dict[str, dict]) -> bytes:
     """One point per concept: drift of its own prompts against drift of ordinary prompts."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     kept = {n: r for n, r in rows.items() if r["drift_targets"] is not None and r["drift_ordinary"] is not None}
     x = np.array([max(r["drift_ordinary"], 1e-12) for r in kept.values()])
     y = np.array([max(r["drift_targets"], 1e-12) for r in kept.values()])
@@ -247,11 +252,7 @@ def plot_summary(rows: dict[str, dict]) -> bytes:
     ax.set_xlabel("drift of ordinary prompts (keep low)")
     ax.set_ylabel("drift of the concept's prompts (want high)")
     ax.set_title(f"One delta per concept: {len(kept)} concepts")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 # ----------------------------------------------------------------------------- from a workdir
