@@ -144,6 +144,9 @@ def fit_chunk(num_jobs: int, mesh: Mesh, step_bytes_for, budget_gib: float = 0.0
     per_device = min(max(int((budget - fixed) // per_job), 1), -(-num_jobs // size))
     while per_device > 1 and step_bytes_for(per_device * size) > budget:  # the linear model was optimistic
         per_device = max(1, int(per_device * 0.9))
+    if jax.process_count() > 1:  # every process must run the same chunks: the smallest fit wins
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        per_device = int(np.min(multihost_utils.process_allgather(np.int32(per_device))))
     return min(num_jobs, per_device * size)
 
 

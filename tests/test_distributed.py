@@ -32,6 +32,7 @@ CASES = {  # (mesh, train.concepts_per_chunk)
     "concepts_across_processes": (MESHES["concepts_across_processes"], 0),
     "data_across_processes": (MESHES["data_across_processes"], 0),
     "chunks_of_2_across_processes": (MESHES["concepts_across_processes"], 2),  # 2 chunks, one job per process
+    "auto_chunk_across_processes": (MESHES["concepts_across_processes"], -1),  # the processes agree on a fit
 }
 
 
@@ -103,7 +104,7 @@ def test_two_processes_equal_single_process(encoder_dir, single_process_run, tmp
     if MESHES["concepts_across_processes"] == mesh:
         # 3 jobs padded to 4 (chunks of 2: 2 slots), split over concept=2: process 0 holds the
         # first half of the slots, process 1 the second
-        slots = chunk or 4
+        slots = chunk if chunk > 0 else 4  # (-1: everything fits, so one chunk of 3 jobs in 4 slots)
         per_job = [[leaf for leaf in r["placed"] if leaf["spec"] == "P('concept',)"] for r in reports]
         assert per_job[0] and len(per_job[0]) == len(per_job[1])
         for i, leaves in enumerate(per_job):
@@ -116,7 +117,7 @@ def test_two_processes_equal_single_process(encoder_dir, single_process_run, tmp
     index = json.loads((workdir / "index.json").read_text())
     assert sorted(index["concepts"]) == sorted(CONCEPTS)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    chunks = 2 if chunk else 1
+    chunks = 2 if chunk == 2 else 1
     assert [(r.get("chunk", 0), r["step"]) for r in rows] == [(c, s) for c in range(chunks) for s in range(1, 7)], \
         "every step is logged once (by one process)"
     for name in CONCEPTS:
