@@ -98,9 +98,9 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
     position_mask ([T] bool) overrides it for every set.
     With out_dir, writes text_report.{json,md,png} there (each file atomically; the PNG only
     `with_plot`).
-    originals: a dict prompt -> the base encoder's representation, read and filled here; pass
-    the same dict to every report of one base/hook/mask rule (a batch of concepts shares its
-    ordinary prompts, which are then encoded by the base encoder once).
+    originals: a dict ordinary prompt -> the base encoder's representation, read and filled
+    here; pass the same dict to every report of one base/hook/mask rule (a batch of concepts
+    shares its ordinary prompts, which are then encoded by the base encoder once).
     """
     from hirm_jax.problem import encode_in_chunks, make_encode_fn, tokenize
 
@@ -117,11 +117,11 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
     ids, mask = tokenize(tokenizer, everything, base.config.max_position_embeddings)
     encode_fn = make_encode_fn(base, (hook,), use_attention_mask)
     originals = {} if originals is None else originals
-    new = list(dict.fromkeys(p for p in everything if p not in originals))
-    if new:
-        reps = encode_in_chunks(encode_fn, base.params, *tokenize(tokenizer, new, base.config.max_position_embeddings))
-        originals.update(zip(new, reps[hook]))
-    original = np.stack([originals[p] for p in everything])
+    todo = [i for i, p in enumerate(everything) if p not in originals]
+    encoded = dict(zip(todo, encode_in_chunks(encode_fn, base.params, ids[todo], mask[todo])[hook])) if todo else {}
+    original = np.stack([encoded[i] if i in encoded else originals[p] for i, p in enumerate(everything)])
+    shared = set(ordinary_prompts)  # only these recur across a batch's reports: memo them alone
+    originals.update({everything[i]: encoded[i] for i in todo if everything[i] in shared})
     erased = encode_in_chunks(encode_fn, erased_params, ids, mask)[hook]
     if position_mask is not None:
         positions = np.broadcast_to(np.asarray(position_mask, bool), original.shape[:2])

@@ -86,6 +86,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `configs`
+if __name__ == "__main__":  # run with PYTHONPATH=<repo root> (for `configs`), as the test does
     sys.exit(main(sys.argv[1:]))

@@ -55,6 +55,16 @@ def test_perturbed_block_drifts_toward_its_target(base, tokenizer):
     assert "cos_to_target" not in report["sets"]["ordinary"]
     assert report["selectivity"] == pytest.approx(
         report["sets"]["targets"]["drift"]["mean"] / report["sets"]["ordinary"]["drift"]["mean"])
+    # a batch shares the base encoder's pass over the ordinary prompts (and only those) between reports
+    originals = {}
+    first = textreport.text_report(base, erased, tokenizer, TARGETS, ORDINARY, PARAPHRASES,
+                                   targets=shared_target, hook="final_ln", originals=originals)
+    assert sorted(originals) == sorted(ORDINARY)
+    originals = {p: v + 1.0 for p, v in originals.items()}  # the memo is what the next report reads
+    second = textreport.text_report(base, erased, tokenizer, TARGETS, ORDINARY, PARAPHRASES,
+                                    targets=shared_target, hook="final_ln", originals=originals)
+    assert first["sets"] == report["sets"] and second["sets"]["targets"] == report["sets"]["targets"]
+    assert second["sets"]["ordinary"]["drift"] != report["sets"]["ordinary"]["drift"]
 
 
 def test_compare_representations_uses_only_the_masked_positions():
