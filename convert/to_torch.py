@@ -12,37 +12,15 @@ not at all on error; exit code 2 on bad input. Prints the output folder on stdou
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-from hirm_jax.layouts import load_text_encoder, save_text_encoder
-from hirm_jax.weights import WeightsError
+from hirm_jax.cli import convert_main
+from hirm_jax.layouts import save_text_encoder
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", required=True, help="source checkpoint (Flax checkpoint or any other layout)")
-    parser.add_argument("--component", default=None, help="text_encoder or text_encoder_2 (pipelines, SDXL files)")
-    parser.add_argument("--out", required=True, help="output transformers folder (must not exist unless --overwrite)")
-    parser.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin (runs the unpickler)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hirm_jax").setLevel(logging.INFO)
-    if Path(args.out).exists() and not args.overwrite:  # before the (slow) load, not after
-        print(f"error: output folder {args.out} already exists; choose another, remove it or pass --overwrite",
-              file=sys.stderr)
-        return 2
-    try:
-        encoder = load_text_encoder(args.src, args.component, allow_pickle=args.allow_pickle)
-        out = save_text_encoder(encoder, args.out, overwrite=args.overwrite)
-    except (WeightsError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    return convert_main(argv, __doc__, save_text_encoder, src_help="source checkpoint (Flax checkpoint or any other layout)",
+                        out_help="output transformers folder (must not exist unless --overwrite)")
 
 
 if __name__ == "__main__":

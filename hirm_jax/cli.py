@@ -37,6 +37,37 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def convert_main(argv: Optional[Sequence[str]], description: str, save: Callable, src_help: str,
+                 out_help: str) -> int:
+    """The body of convert/to_flax.py and convert/to_torch.py: load any layout, save with `save`
+    (encoder, out, overwrite=) -> folder. Exit 2 with a message on bad input, nothing written."""
+    import logging
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--component", default=None, help="text_encoder or text_encoder_2 (pipelines, SDXL files)")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin (runs the unpickler)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hirm_jax").setLevel(logging.INFO)
+    if Path(args.out).exists() and not args.overwrite:  # before the (slow) load, not after
+        print(f"error: output folder {args.out} already exists; choose another, remove it or pass --overwrite",
+              file=sys.stderr)
+        return 2
+    from hirm_jax.layouts import load_text_encoder
+    from hirm_jax.weights import WeightsError
+    try:
+        encoder = load_text_encoder(args.src, args.component, allow_pickle=args.allow_pickle)
+        out = save(encoder, args.out, overwrite=args.overwrite)
+    except (WeightsError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def erase_main(argv: Sequence[str]) -> int:
     from absl import flags
     from ml_collections import config_flags
