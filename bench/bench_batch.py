@@ -45,7 +45,7 @@ def child(base: str, n: int, steps: int, epochs: int, dtype: str, chunk: int) ->
     import jax
 
     from hirm_jax.config_lib import base_config
-    from hirm_jax.train import batch_indices, setup_run
+    from hirm_jax.train import setup_run
     names = [f"concept number {i}" for i in range(n)]
     c = base_config()
     c.encoder.path, c.encoder.component, c.encoder.dtype = base, "", dtype
@@ -58,7 +58,7 @@ def child(base: str, n: int, steps: int, epochs: int, dtype: str, chunk: int) ->
     t0 = time.perf_counter()
     run = setup_run(c)
     t_setup = time.perf_counter() - t0
-    args = lambda s: (run.frozen, run.per_job, run.shared, *batch_indices(s, run.jobs.prompts_per_job, run.batch_size, 0))
+    args = lambda s: run.step_args(run.per_job, s)
     t0 = time.perf_counter()
     compiled = run.step_fn.lower(run.state, *args(0)).compile()
     t_compile = time.perf_counter() - t0

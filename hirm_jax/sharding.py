@@ -62,7 +62,7 @@ def mesh_shape(mesh_config, num_devices: int, num_jobs: int = 1) -> dict[str, in
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} are available; "
-                         "the product of the axis sizes must equal the device count")
+                          "the product of the axis sizes must equal the device count")
     return sizes
 
 
@@ -134,13 +134,13 @@ def fit_chunk(num_jobs: int, mesh: Mesh, step_bytes_for, budget_gib: float = 0.0
     device) give the slope, and the chosen size is checked with a third compile."""
     budget = budget_gib * 2**30 if budget_gib > 0 else 0.9 * device_memory_bytes()
     size = mesh.shape["concept"]
-    one, two = step_bytes_for(size), step_bytes_for(2 * size)
-    per_job = max(two - one, 1)
-    fixed = one - per_job
+    one = step_bytes_for(size)
     if one > budget:
         raise ConfigError(f"one concept per device needs {one / 2**30:.2f} GiB per device but the memory budget is "
-                         f"{budget / 2**30:.2f} GiB (train.memory_budget_gib; 0 = 90% of the device): use more devices "
-                         "on the concept axis, fsdp for the frozen weights, or a smaller train.batch_size")
+                          f"{budget / 2**30:.2f} GiB (train.memory_budget_gib; 0 = 90% of the device): use more devices "
+                          "on the concept axis, fsdp for the frozen weights, or a smaller train.batch_size")
+    per_job = max(step_bytes_for(2 * size) - one, 1)
+    fixed = one - per_job
     per_device = min(max(int((budget - fixed) // per_job), 1), -(-num_jobs // size))
     while per_device > 1 and step_bytes_for(per_device * size) > budget:  # the linear model was optimistic
         per_device = max(1, int(per_device * 0.9))

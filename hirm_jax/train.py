@@ -178,6 +178,7 @@ class Setup:
     chunks: list  # [(first job, end job)]
     new_state: Callable[[], dict]  # a fresh state for the next chunk
     place_jobs: Callable[[int, int], dict]  # the per-job arrays of jobs [lo, hi), padded, on the mesh
+    step_args: Callable[[dict, int], tuple]  # (per_job, step) -> the step's arguments after the state
 
 
 def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
@@ -218,14 +219,15 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
         in_shardings=(state_sh, frozen_sh, sharding.per_job(mesh), rep, rep, rep),
         out_shardings=(state_sh, sharding.per_job(mesh)),
         donate_argnums=0)
-    step_args = lambda per_job: (frozen, per_job, shared, *batch_indices(0, jobs.prompts_per_job, batch_size, 0))
+    step_args = lambda per_job, step: (frozen, per_job, shared, *batch_indices(
+        step, jobs.prompts_per_job, batch_size, config.train.seed))
 
     if requested == -1:
         def step_bytes(num_padded: int) -> int:
             state = _abstract(jax.eval_shape(lambda t: init_state(t, optimizer, num_padded), base), state_sh)
             per_job = _abstract(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((num_padded, *x.shape[1:]), x.dtype),
                                                        jobs.per_job), sharding.per_job(mesh))
-            return sharding.step_bytes(step_fn.lower(state, *step_args(per_job)).compile())
+            return sharding.step_bytes(step_fn.lower(state, *step_args(per_job, 0)).compile())
         chunk_size = sharding.fit_chunk(jobs.num_jobs, mesh, step_bytes, config.train.memory_budget_gib)
         config.train.concepts_per_chunk = chunk_size  # recorded in config.json: a resume keeps the chunks
         print(f"concepts_per_chunk=-1: {chunk_size} of {jobs.num_jobs} concepts per step fit the memory budget",
@@ -239,7 +241,7 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     init = jax.jit(lambda t: init_state(t, optimizer, num_padded), out_shardings=state_sh)
     total_steps = config.train.epochs * math.ceil(jobs.prompts_per_job / batch_size)
     return Setup(config, encoder, jobs, mesh, step_fn, init(base), frozen, place_jobs(*chunks[0]), shared,
-                 batch_size, total_steps, chunks, lambda: init(base), place_jobs)
+                 batch_size, total_steps, chunks, lambda: init(base), place_jobs, step_args)
 
 
 def _abstract(tree, shardings):
@@ -274,9 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     latest = ckpt.latest_step()
     first_chunk = 0 if latest is None else (latest - 1) // steps
 
-    args = lambda per_job, step: (run.frozen, per_job, run.shared,
-                                  *batch_indices(step, jobs.prompts_per_job, run.batch_size, config.train.seed))
-    compiled = run.step_fn.lower(run.state, *args(run.per_job, 0)).compile()  # ahead: compile and step timed apart
+    compiled = run.step_fn.lower(run.state, *run.step_args(run.per_job, 0)).compile()  # ahead: compile and step timed apart
     t_compile = time.perf_counter()
 
     metrics_path = workdir / "metrics.jsonl"
@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             stop = int(min(steps, start + budget))
             pending, t_chunk, metrics = [], time.perf_counter(), None
             for step in range(start, stop):
-                state, metrics = compiled(state, *args(per_job, step))
+                state, metrics = compiled(state, *run.step_args(per_job, step))
                 pending.append((step + 1, metrics))
                 done = step + 1
                 at_checkpoint = done % config.train.checkpoint_every == 0 or done == stop

@@ -14,7 +14,7 @@ from hirm_jax import masking, sharding
 from hirm_jax.config_lib import ConfigError
 from hirm_jax.layouts import load_text_encoder
 from hirm_jax.tokenizer import PromptTooLongError
-from hirm_jax.train import batch_indices, setup_run, train_and_evaluate
+from hirm_jax.train import setup_run, train_and_evaluate
 
 CONCEPTS = ("Van Gogh", "Monet", "Picasso", "Rembrandt", "Hokusai")
 
@@ -78,8 +78,7 @@ def test_batch_erasure_equals_solo_and_output_shardings(encoder_dir, tmp_path):
     base_frozen = {k: np.asarray(v) for k, v in run.frozen.items()}
     state = run.state
     for step in range(3):
-        state, _ = run.step_fn(state, run.frozen, run.per_job, run.shared,
-                               *batch_indices(step, run.jobs.prompts_per_job, run.batch_size, 0))
+        state, _ = run.step_fn(state, *run.step_args(run.per_job, step))
     for leaf in jax.tree_util.tree_leaves(state["trainable"]):
         assert leaf.sharding.spec == P("concept") and leaf.sharding.mesh.shape["concept"] == 4
     for k, v in run.frozen.items():  # frozen parameters are bit-identical
@@ -134,8 +133,7 @@ def test_auto_chunk_is_the_largest_that_fits_the_budget(encoder_dir, tmp_path):
     def step_bytes(chunk):
         config.train.concepts_per_chunk = chunk
         run = setup_run(config, mesh)
-        return sharding.step_bytes(run.step_fn.lower(run.state, run.frozen, run.per_job, run.shared,
-                                                     *batch_indices(0, 1, run.batch_size, 0)).compile())
+        return sharding.step_bytes(run.step_fn.lower(run.state, *run.step_args(run.per_job, 0)).compile())
     four, six = step_bytes(4), step_bytes(6)  # 2 and 3 concepts per device
     assert six > four
     config.train.concepts_per_chunk = -1
