@@ -1,7 +1,7 @@
 """The base erase config; every other config starts here. See hirm_jax/config_lib.py for the
 meaning and rules of each field.
 
-    hirm-jax erase --config=configs/default.py --config.encoder.path=PIPELINE \
+    hirm-jax erase --config=default --config.encoder.path=PIPELINE \
         --config.concepts="('Van Gogh',)" --config.super_categories="{'Van Gogh': 'painting'}" --workdir=DIR
 """
 

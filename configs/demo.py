@@ -5,8 +5,11 @@ The demo fills in the encoder path, the concept, its kind, its prompt templates 
 prompts of the preservation term; see hirm_jax/demo.py.
 """
 
+from hirm_jax.config_lib import check_config_arg
 from hirm_jax.demo import demo_config
 
+ARGS = ("hirm_s", "hirm_r")
 
-def get_config(arg="hirm_s"):
-    return demo_config(arg)
+
+def get_config(arg=None):
+    return demo_config(check_config_arg("demo", arg, ARGS))

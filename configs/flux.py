@@ -2,7 +2,7 @@
 transfer to Flux is partial). Flux reads only the pooled EOS output of CLIP, so it is
 supervised together with the paper's default hook.
 
-    hirm-jax erase --config=configs/flux.py --workdir=runs/flux_vg \
+    hirm-jax erase --config=flux --workdir=runs/flux_vg \
         --config.encoder.path=/models/FLUX.1-dev --config.concepts="('Van Gogh',)" \
         --config.super_categories="{'Van Gogh': 'painting'}"
 """

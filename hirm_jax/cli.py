@@ -1,6 +1,6 @@
 """The `hirm-jax` command: thin wrappers over importable functions.
 
-    hirm-jax erase  --config=configs/sd14_style.py:hirm_s --workdir=DIR [--config.field=value ...]
+    hirm-jax erase  --config=sd14_style:hirm_s --workdir=DIR [--config.field=value ...]
     hirm-jax export --workdir=DIR --out=OUT [--format=full|delta|pipeline] [--pipeline=PIPE]
     hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT [--check]
     hirm-jax report --workdir=DIR [--out=OUT]      text-space report (also written by erase)
@@ -10,8 +10,9 @@
     hirm-jax generate --pipeline=DIR [--delta=D ...] --prompts=FILE --out=DIR
     hirm-jax eval --suite=NAME --images=DIR [--out=DIR] | --list
 
-Progress and messages go to stderr; a bad input exits with status 2 and a message that
-names the value and the rule.
+Progress and messages go to stderr. A bad input exits with status 2 and one line that names
+the value and the rule; a machine that refuses a write (disk full, read-only) exits with 3.
+`hirm-jax --debug COMMAND ...` (or HIRM_JAX_DEBUG=1) shows the traceback as well.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from hirm_jax.errors import HirmError, OutputError, UsageError, report
 
 USAGE = __doc__
 
@@ -52,37 +55,37 @@ def convert_main(argv: Optional[Sequence[str]], description: str, save: Callable
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hirm_jax").setLevel(logging.INFO)
-    if Path(args.out).exists() and not args.overwrite:  # before the (slow) load, not after
-        print(f"error: output folder {args.out} already exists; choose another, remove it or pass --overwrite",
-              file=sys.stderr)
-        return 2
     from hirm_jax.layouts import load_text_encoder
-    from hirm_jax.weights import WeightsError
     try:
+        if Path(args.out).exists() and not args.overwrite:  # before the (slow) load, not after
+            raise OutputError(f"output folder {args.out} already exists; choose another, remove it, or pass "
+                              "--overwrite to replace it (the old folder is kept until the new one is complete)")
         encoder = load_text_encoder(args.src, args.component, allow_pickle=args.allow_pickle)
-        out = save(encoder, args.out, overwrite=args.overwrite)
-    except (WeightsError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        out = save(encoder, args.out, overwrite=args.overwrite, inputs={"--src": args.src})
+    except Exception as e:  # noqa: BLE001  (user errors get one line; bugs keep their traceback)
+        return report(e)
     print(out)
     return 0
 
 
 def erase_main(argv: Sequence[str]) -> int:
+    """`hirm-jax erase --config=FILE_OR_NAME[:ARG] --workdir=DIR [--config.field=value ...]`.
+
+    --config names a config file, or a shipped config by name from any folder
+    (`--config=sd14_style:hirm_s`; config_lib.resolve_config_argument has the rule)."""
     from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
-    full_argv = ["hirm-jax erase", *argv]
+    full_argv = ["hirm-jax erase", *_with_resolved_config(argv)]
     config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Erase config file, e.g. configs/sd14_style.py:hirm_s", flag_values=flag_values,
+        "config", None, "Erase config: a file or a shipped name, e.g. sd14_style:hirm_s", flag_values=flag_values,
         sys_argv=full_argv)
     workdir_flag = flags.DEFINE_string("workdir", None, "Run folder (resumed when it exists).", flag_values=flag_values)
     try:
         flag_values(full_argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise UsageError(f"erase: {message}") from e
+        raise _flag_error(e, argv) from e
     if config_flag.value is None or not workdir_flag.value:
         raise UsageError("erase needs --config=FILE[:ARG] and --workdir=DIR")
     enable_compilation_cache()
@@ -90,6 +93,57 @@ def erase_main(argv: Sequence[str]) -> int:
     summary = train_and_evaluate(config_flag.value, workdir_flag.value)
     print(os.path.abspath(workdir_flag.value))
     return 0 if summary["status"] == "done" else 1
+
+
+def _with_resolved_config(argv: Sequence[str]) -> list[str]:
+    """argv with the value of --config (`--config=V` or `--config V`) resolved to a file and
+    moved first (ml_collections refuses --config.field=value before --config)."""
+    from hirm_jax.config_lib import resolve_config_argument
+    config, rest, argv = [], [], list(argv)
+    while argv:
+        arg = argv.pop(0)
+        flag, equals, value = arg.partition("=")
+        if not (flag.startswith("-") and flag.lstrip("-") == "config"):
+            rest.append(arg)
+        elif equals:
+            config.append(f"{flag}={resolve_config_argument(value)}")
+        else:
+            config.append(flag)
+            if argv:
+                config.append(resolve_config_argument(argv.pop(0)))
+    return config + rest
+
+
+def _flag_error(error: Exception, argv: Sequence[str]) -> Exception:
+    """One readable line for a command-line error of erase.
+
+    ml_collections reports an unknown field as KeyError("'epoch'\\nDid you mean ...") (nested
+    in AttributeError for nested fields), which prints as an escaped repr; and re-raises an
+    error of a config file's get_config with the traceback pasted into the message."""
+    raised_in_config = [e for e in _context_chain(error) if isinstance(e, HirmError)]
+    if raised_in_config:  # by the config file's get_config: the innermost one is the original
+        return raised_in_config[-1]
+    inner = error
+    while isinstance(inner, AttributeError) and inner.args and isinstance(inner.args[0], KeyError):
+        inner = inner.args[0]
+    if not isinstance(inner, KeyError):
+        return UsageError(f"erase: {error}")
+    text = str(inner.args[0]) if inner.args else ""
+    key, _, hint = text.partition("\n")
+    key = key.strip("'\"")
+    flag = next((a.partition("=")[0] for a in argv if a.startswith("--config.")
+                 and key in a.partition("=")[0].split(".")), "--config")
+    hint = f"; {hint.strip()[:1].lower()}{hint.strip()[1:]}" if hint.strip() else ""
+    return UsageError(f"erase: {flag}: the config has no field {key!r}{hint} (fields and their rules: "
+                      "hirm_jax/config_lib.py)")
+
+
+def _context_chain(error: BaseException) -> list[BaseException]:
+    """error, the exception it was raised while handling, and so on."""
+    chain = [error]
+    while chain[-1].__context__ is not None and chain[-1].__context__ not in chain:
+        chain.append(chain[-1].__context__)
+    return chain
 
 
 def export_main(argv: Sequence[str]) -> int:
@@ -214,12 +268,11 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
-class UsageError(ValueError):
-    pass
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--debug":
+        os.environ["HIRM_JAX_DEBUG"] = "1"
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, file=sys.stderr)
         return 0 if argv else 2
@@ -227,14 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
         return 2
-    from hirm_jax.errors import is_user_error
     try:
         return COMMANDS[command](rest)
     except Exception as e:  # noqa: BLE001  (user errors get one line; anything else propagates)
-        if isinstance(e, UsageError) or is_user_error(e):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,22 @@
 Config files in `configs/` start from `base_config()` and override fields; the config is
 locked, so a mistyped field (`--config.trian.epochs=3`) is an error, not a silent no-op.
 `validate(config)` checks the values against the rules below before anything is loaded.
+
+`--config=VALUE` names a config file (`configs/sd14_style.py:hirm_s`) or a shipped config by
+name (`sd14_style:hirm_s`, from any folder); see `resolve_config_argument`.
 """
 
 from __future__ import annotations
 
+import importlib.resources
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
 import ml_collections
+
+from hirm_jax.errors import HirmError
 
 OBJECTIVES = ("hirm_r", "hirm_s", "hirm_s_vector")
 CONCEPT_TYPES = ("style", "object", "nsfw")
@@ -30,8 +41,15 @@ METHOD_DEFAULTS = {
 DEFAULT_SCALE = {"hirm_r": 500.0, "hirm_s": 1.0, "hirm_s_vector": 1.0}
 
 
+DEFAULT = -1  # the value of a field that means "the default" (DEFAULTED_FIELDS)
+# Fields where -1 means the default (METHOD_DEFAULTS / DEFAULT_SCALE) and any other value must be > 0.
+DEFAULTED_FIELDS = ("train.learning_rate", "train.epochs", "objective.scale")
+
+
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    # convert_dict=False keeps super_categories a plain dict, whose keys may hold dots
+    # ("Dr. Seuss"); ConfigDict keys may not, and copies would convert it to one.
+    c = ml_collections.ConfigDict(convert_dict=False)
 
     # Base encoder: a diffusers pipeline folder (+ component), a transformers folder,
     # or a single-file SD checkpoint (.safetensors).
@@ -41,18 +59,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.encoder.tokenizer = ""  # default: the pipeline's tokenizer(_2) folder, or the encoder folder
     c.encoder.use_attention_mask = False  # SD 1.x/2.x/SDXL call the encoder without one
     c.encoder.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
+    c.encoder.allow_pickle = False  # read .ckpt/.pt/.bin weights (unpickling can run code)
 
     # What to erase.
-    c.concepts = ()  # e.g. ("Van Gogh",); or concepts_file
+    c.concepts = ()  # e.g. ("Van Gogh",); or concepts_file (not both)
     c.concepts_file = ""  # TSV: concept [\t super-category [\t type]]
     c.concept_type = "style"
-    c.super_categories = ml_collections.ConfigDict()  # {concept: super-category}, HiRM-S anchors
+    # {concept: super-category}, the HiRM-S anchors of inline concepts; names may hold dots and
+    # are matched case-insensitively. A plain dict in a reference of type object, so that
+    # --config.super_categories="{'Dr. Seuss': 'author'}" is read as a Python literal (a
+    # ConfigDict refuses dotted keys); validate() checks its type.
+    c.super_categories = ml_collections.FieldReference({}, field_type=object)
     c.templates = ("{}",)  # "{}" = the bare keyword, as the reference implementation
     c.joint = True  # all concepts into one encoder (False: one delta per concept; see scale-out)
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "hirm_s"
-    c.objective.scale = -1.0  # c in the paper; -1: the objective's default (500 for R, 1 for S)
+    c.objective.scale = -1.0  # c in the paper, > 0; -1: the objective's default (500 for R, 1 for S)
     c.objective.random_distribution = "uniform"  # RMU: uniform [0, 1) then normalised
     c.objective.hooks = ("last_mlp_out",)
     c.objective.token_positions = "all_but_bos"
@@ -67,8 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.trainable_blocks = (0,)
     c.train.trainable_modules = TRAINABLE_MODULES
     c.train.trainable_regex = ""  # overrides blocks/modules when set (".*": whole encoder)
-    c.train.learning_rate = -1.0  # -1: METHOD_DEFAULTS for (concept_type, objective)
-    c.train.epochs = -1  # one epoch = one pass over the concept prompt list
+    c.train.learning_rate = -1.0  # > 0; -1: METHOD_DEFAULTS for (concept_type, objective)
+    c.train.epochs = -1  # > 0; one epoch = one pass over the concept prompt list; -1: METHOD_DEFAULTS
     c.train.batch_size = 0  # 0: the whole prompt list per step
     c.train.grad_clip_norm = 0.0  # 0 = no clipping
     c.train.adam_b1 = 0.9
@@ -101,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
+class ConfigError(HirmError, ValueError):
     """A config value breaks a rule; the message names the field, the value and the rule."""
 
 
@@ -121,9 +144,48 @@ def parse_hook(name: str) -> tuple[str, int | None]:
         f"but got {name!r}")
 
 
+def field_value(c: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value of a dotted field name, e.g. field_value(c, "train.epochs")."""
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def _check_defaulted(c: ml_collections.ConfigDict, field: str) -> None:
+    """Only -1 means "the default"; any other value must be positive (0 epochs, a learning rate
+    of 0 or a scale of -3 are mistakes, not requests for the default)."""
+    value = field_value(c, field)
+    _require(value == DEFAULT or value > 0,
+             f"{field} must be > 0, or -1 for the default of (concept_type, objective.name), but is {value}")
+
+
+def name_key(name: str) -> str:
+    """Concept names are compared with surrounding blanks stripped and case ignored."""
+    return str(name).strip().lower()
+
+
+def _check_concept_fields(c: ml_collections.ConfigDict) -> None:
+    """Concepts come from `concepts` or from `concepts_file`, exactly one of them; super_categories
+    is a {str: str} dict naming no concept twice (names compared as `name_key` does)."""
+    _require(bool(c.concepts) or bool(c.concepts_file), "concepts is empty and no concepts_file is given: nothing to erase")
+    _require(not (c.concepts and c.concepts_file),
+             f"concepts={tuple(c.concepts)!r} and concepts_file={c.concepts_file!r} are both set, but the concepts "
+             "come from one of them: clear the other (--config.concepts=\"()\" or --config.concepts_file=\"\")")
+    anchors = c.super_categories
+    _require(hasattr(anchors, "items") and all(isinstance(k, str) and isinstance(v, str) for k, v in anchors.items()),
+             f"super_categories must be a dict {{concept: super-category}} of strings but is {anchors!r}")
+    seen: dict[str, str] = {}
+    for name in anchors.keys():
+        key = name_key(name)
+        _require(key not in seen, f"super_categories names {seen.get(key)!r} and {name!r}, the same concept "
+                                  "(names are compared case-insensitively): keep one")
+        seen[key] = name
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for any value outside its rule (before anything is loaded)."""
-    _require(bool(c.encoder.path), "encoder.path must name a pipeline folder, encoder folder or .safetensors file, but is empty")
+    _require(bool(c.encoder.path), "encoder.path must name a pipeline folder, encoder folder, .safetensors file or "
+                                   "hub id (org/name[@revision]), but is empty")
     _require(c.objective.name in OBJECTIVES, f"objective.name must be one of {list(OBJECTIVES)} but is {c.objective.name!r}")
     _require(c.concept_type in CONCEPT_TYPES, f"concept_type must be one of {list(CONCEPT_TYPES)} but is {c.concept_type!r}")
     _require(c.objective.random_distribution in RANDOM_DISTRIBUTIONS,
@@ -133,13 +195,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(len(c.objective.hooks) > 0, "objective.hooks must name at least one hook point")
     for hook in c.objective.hooks:
         parse_hook(hook)
-    _require(bool(c.concepts) or bool(c.concepts_file), "concepts is empty and no concepts_file is given: nothing to erase")
+    _check_concept_fields(c)
     _require(all(isinstance(t, str) and t.count("{}") == 1 for t in c.templates) and len(c.templates) > 0,
              f"templates must be strings with exactly one '{{}}' placeholder, but are {tuple(c.templates)}")
     for name in c.train.trainable_modules:
         _require(name in TRAINABLE_MODULES,
                  f"train.trainable_modules entries must be in {list(TRAINABLE_MODULES)} but got {name!r}")
+    for field in DEFAULTED_FIELDS:
+        _check_defaulted(c, field)
     _require(c.train.batch_size >= 0, f"train.batch_size must be >= 0 (0 = whole list) but is {c.train.batch_size}")
+    _require(c.train.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0 (0 = no clipping) but is {c.train.grad_clip_norm}")
     _require(c.train.concepts_per_chunk >= -1,
              f"train.concepts_per_chunk must be >= 1, 0 (all concepts at once) or -1 (as many as fit in memory) "
              f"but is {c.train.concepts_per_chunk}")
@@ -148,23 +213,123 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"train.concepts_per_chunk={c.train.concepts_per_chunk} applies to joint=False runs only "
              "(a joint run trains one encoder on all concepts)")
     _require(c.train.checkpoint_every > 0, f"train.checkpoint_every must be > 0 but is {c.train.checkpoint_every}")
+    _require(c.train.checkpoints_to_keep > 0, f"train.checkpoints_to_keep must be > 0 but is {c.train.checkpoints_to_keep}")
     _require(c.train.log_every > 0, f"train.log_every must be > 0 but is {c.train.log_every}")
     _require(c.preservation.weight >= 0, f"preservation.weight must be >= 0 but is {c.preservation.weight}")
+    _require(c.preservation.batch_size >= 0,
+             f"preservation.batch_size must be >= 0 (0 = all retain prompts) but is {c.preservation.batch_size}")
     if c.objective.name == "hirm_s_vector":
         _require(bool(c.objective.vector_pairs_file),
                  "objective.vector_pairs_file must name a TSV of paired prompts for hirm_s_vector")
 
 
 def resolve_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Fill the -1 fields from METHOD_DEFAULTS / DEFAULT_SCALE; returns a resolved copy."""
+    """Fill the -1 fields (DEFAULTED_FIELDS) from METHOD_DEFAULTS / DEFAULT_SCALE; returns a resolved copy."""
     c = c.copy_and_resolve_references()
     defaults = METHOD_DEFAULTS.get((c.concept_type, c.objective.name),
                                    METHOD_DEFAULTS[(c.concept_type, "hirm_s" if c.concept_type != "nsfw" else "hirm_s_vector")])
     with c.unlocked():
-        if c.train.learning_rate < 0:
+        if c.train.learning_rate == DEFAULT:
             c.train.learning_rate = defaults["learning_rate"]
-        if c.train.epochs < 0:
+        if c.train.epochs == DEFAULT:
             c.train.epochs = defaults["epochs"]
-        if c.objective.scale < 0:
+        if c.objective.scale == DEFAULT:
             c.objective.scale = DEFAULT_SCALE[c.objective.name]
     return c
+
+
+def from_resolved(resolved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A config rebuilt from its JSON form (a workdir's config.json), as `base_config()` with
+    the recorded values: super_categories stays a dict (keys with dots survive), unknown
+    fields are an error, as on the command line."""
+    c = base_config()
+    with c.unlocked():
+        _update(c, resolved)
+    return c
+
+
+def _update(c: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(c[key], ml_collections.ConfigDict):
+            _update(c[key], value)
+        else:
+            c[key] = tuple(value) if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------- --config=VALUE
+
+CONFIGS_PACKAGE = "hirm_jax.configs"  # the wheel installs the repository's configs/ as this package
+
+
+def shipped_config_folders() -> list[Path]:
+    """Where the shipped configs live: the installed package `hirm_jax.configs`, and (in a
+    source checkout) the `configs/` folder beside the `hirm_jax` package."""
+    folders = []
+    if _importable(CONFIGS_PACKAGE):
+        folders.append(Path(str(importlib.resources.files(CONFIGS_PACKAGE))))
+    folders.append(Path(__file__).resolve().parent.parent / "configs")
+    return [f for f in dict.fromkeys(f.resolve() for f in folders) if f.is_dir()]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def shipped_configs() -> dict[str, Path]:
+    """{name: file} of the shipped configs (the first folder of `shipped_config_folders` wins)."""
+    found: dict[str, Path] = {}
+    for folder in shipped_config_folders():
+        for path in sorted(folder.glob("*.py")):
+            if not path.name.startswith("_"):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def resolve_config_argument(value: str) -> str:
+    """The `--config` value with its file part made a path that exists.
+
+    `--config=FILE[:ARG]` (ARG is what follows the first ':'). The rule: a FILE that exists is
+    that file; else a bare name (no '/', with or without '.py') is one of the shipped configs
+    (`sd14_style:hirm_s`, from any folder); else a ConfigError lists the shipped names."""
+    file_part, colon, arg = value.partition(":")
+    if os.path.isfile(file_part):
+        return value
+    if os.path.isdir(file_part):
+        raise ConfigError(f"--config={value}: {file_part} is a folder, not a config file (a .py file with get_config)")
+    shipped = shipped_configs()
+    name = file_part[:-len(".py")] if file_part.endswith(".py") else file_part
+    if "/" not in file_part and os.sep not in file_part and name in shipped:
+        return f"{shipped[name]}{colon}{arg}"
+    listing = ", ".join(f"{n}" + (f"[:{'|'.join(a)}]" if (a := config_args(shipped[n])) else "") for n in shipped)
+    raise ConfigError(f"--config={value}: {file_part} does not exist (relative to {os.getcwd()}) and is not the name of "
+                      f"a shipped config; a config is a file path or one of the shipped names: {listing} "
+                      "(e.g. --config=sd14_style:hirm_s)")
+
+
+def config_args(path: Path) -> tuple[str, ...]:
+    """The ARGs a shipped config file declares (its ARGS tuple), read without importing it."""
+    import ast  # noqa: PLC0415
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return ()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ARGS" for t in node.targets):
+            try:
+                return tuple(ast.literal_eval(node.value))
+            except ValueError:
+                return ()
+    return ()
+
+
+def check_config_arg(config_name: str, arg, allowed: tuple[str, ...]) -> str:
+    """A shipped config's ARG (the part after ':'), or its first allowed value when none is given."""
+    if arg is None or arg == "":
+        return allowed[0]
+    if arg not in allowed:
+        raise ConfigError(f"--config={config_name}:{arg}: the argument after ':' must be one of {list(allowed)} "
+                          f"but is {arg!r}")
+    return arg

@@ -20,9 +20,18 @@ tensor and both hashes, before anything is written or loaded.
 
 On disk, only the changed bytes of the component's safetensors files are rewritten (dtype,
 layout, header and every other tensor stay byte-identical); other files are hard-linked
-when possible, else copied. Other weight formats of a patched component (pytorch_model.bin,
-flax_model.msgpack, ...) are left out of the copy: they would silently load the un-erased
-encoder.
+when that leaves the base as it is (same owner, already the mode the umask gives outputs),
+else copied. Folders that are symlinks (a component linked from elsewhere) are followed and
+copied as real folders, so the output is complete on its own. Other weight formats of a
+patched component (pytorch_model.bin, flax_model.msgpack, ...) are left out of the copy:
+they would silently load the un-erased encoder.
+
+Bad input is a `DeltaError` (or `InputMissingError`) naming the file: a missing --delta or
+--base (`--base` may also be a hub id `org/name[@revision]`, see `hirm_jax.hub`), a
+truncated or corrupt safetensors file (validated by the safetensors library before its
+header is read), an output folder that equals, contains or lies inside the delta or the base
+(`hirm_jax.fileio.atomic_dir`). Applying the same delta to the same base twice gives the
+same bytes; hirm_applied.json records the base's provenance (`hub.Source.provenance`).
 """
 
 from __future__ import annotations
@@ -34,10 +43,12 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from hirm_jax import hub
+from hirm_jax.errors import HirmError, InputMissingError, report
 from hirm_jax.fileio import atomic_dir, sha256_file
 
 DELTA_WEIGHTS = "hirm_delta.safetensors"
@@ -49,7 +60,7 @@ DELTA_FORMAT_VERSION = 1
 STALE_WEIGHT_SUFFIXES = (".bin", ".msgpack", ".h5", ".ckpt", ".pt", ".pth", ".onnx")
 
 
-class DeltaError(ValueError):
+class DeltaError(HirmError, ValueError):
     """A delta or a base folder is not usable; the message says which file and why."""
 
 
@@ -108,6 +119,20 @@ def _check_fingerprint(name: str, where: str, found: np.ndarray, precision: str,
 
 # ---------------------------------------------------------------- raw safetensors access
 
+def validate_safetensors(path: Path) -> None:
+    """DeltaError naming `path` unless the safetensors library opens it: its header size,
+    header JSON and tensor offsets must cover the file exactly (a truncated file, or a header
+    claiming 2^62 bytes, is refused here instead of failing later as a reshape or
+    MemoryError). bfloat16 tensors open fine: only the header is checked."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as e:  # SafetensorError, OSError: the library raises several types
+        raise DeltaError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
+
+
 _ST_DTYPES = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16"),
               "F64": ("<f8", "float64")}
 
@@ -122,9 +147,15 @@ class _SafetensorsFile:
 
     @classmethod
     def open(cls, path: Path) -> "_SafetensorsFile":
+        """Read the header of a file the safetensors library accepts (`validate_safetensors`);
+        the header length is bounded by the file size, so nothing is read past the end."""
+        validate_safetensors(path)
         try:
+            size = path.stat().st_size
             with open(path, "rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError(f"the header claims {length} bytes but the file has {size}")
                 header = json.loads(f.read(length))
         except (OSError, struct.error, ValueError) as e:
             raise DeltaError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
@@ -187,6 +218,9 @@ def load_delta(delta_dir: str | os.PathLike) -> Delta:
     from safetensors.numpy import load_file
 
     delta_dir = Path(delta_dir)
+    if not delta_dir.exists():
+        raise InputMissingError(f"delta folder {delta_dir} does not exist (make one with "
+                                "`hirm-jax export --format=delta`)")
     config_path, weights_path = delta_dir / DELTA_CONFIG, delta_dir / DELTA_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -203,6 +237,7 @@ def load_delta(delta_dir: str | os.PathLike) -> Delta:
     if digest != config.get("delta_file_sha256"):
         raise DeltaError(f"{weights_path} has sha256 {digest} but {DELTA_CONFIG} records "
                          f"{config.get('delta_file_sha256')}: the file was changed or truncated")
+    validate_safetensors(weights_path)
     tensors = load_file(str(weights_path))
     if set(tensors) != set(config.get("tensors", {})):
         raise DeltaError(f"{weights_path} and {DELTA_CONFIG} list different tensors: "
@@ -322,23 +357,32 @@ def _resolve_targets(delta: Delta, base: Path, component: Optional[str]) -> tupl
                      f"transformers encoder folder (with config.json), but {base} is neither")
 
 
+def resolve_base(base: str | os.PathLike | hub.Source, what: str = "--base") -> hub.Source:
+    """The base as a `hub.Source`: a local folder (InputMissingError "... does not exist" when
+    missing) or a whole hub snapshot `org/name[@revision]` (from the cache when offline)."""
+    return base if isinstance(base, hub.Source) else hub.resolve(base, whole_pipeline=True, what=what)
+
+
 def check_delta(delta_dir: str | os.PathLike, base: str | os.PathLike, component: Optional[str] = None) -> dict:
-    """Verify every fingerprint against `base` without writing; returns what would be patched."""
+    """Verify every fingerprint against `base` (folder or hub id) without writing; returns what
+    would be patched."""
     delta = load_delta(delta_dir)
-    is_pipeline, folders = _resolve_targets(delta, Path(base), component)
+    source = resolve_base(base)
+    is_pipeline, folders = _resolve_targets(delta, source.path, component)
     patches = [p for c, folder in folders.items() for p in _plan_component(delta, c, folder)]
-    return _summary(delta, Path(base), is_pipeline, patches, excluded=[])
+    return _summary(delta, source, is_pipeline, patches, excluded=[])
 
 
-def _summary(delta: Delta, base: Path, is_pipeline: bool, patches: list[_Patch], excluded: list[str]) -> dict:
+def _summary(delta: Delta, source: hub.Source, is_pipeline: bool, patches: list[_Patch],
+             excluded: list[str]) -> dict:
     return {
         "delta": {k: delta.config.get(k) for k in ("method", "concepts", "anchors", "objective", "base",
                                                    "hirm_jax_version", "git_hash", "delta_file_sha256")},
-        "base": str(base),
+        "base": source.provenance(),
         "base_kind": "diffusers_pipeline" if is_pipeline else "transformers_encoder",
         "patched": sorted(
             ({"tensor": f"{p.component}.{p.canonical}",
-              "file": os.path.relpath(p.file, base), "name": p.name,
+              "file": os.path.relpath(p.file, source.path), "name": p.name,
               "stored_as": p.precision, "fingerprint_match": p.matched} for p in patches),
             key=lambda d: (d["file"], d["tensor"])),
         "left_out": sorted(excluded),
@@ -346,24 +390,57 @@ def _summary(delta: Delta, base: Path, is_pipeline: bool, patches: list[_Patch],
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    real = os.path.realpath(src)  # Hugging Face cache snapshots are symlinks into blobs/
+    """Hard-link `src`'s real file (Hugging Face cache snapshots are symlinks into blobs/), or
+    copy it where the file system will not link. A linked file IS the base's file: it keeps the
+    base's mode (`fileio.atomic_dir` leaves files with other links alone), and a 3 GB UNet costs
+    no disk."""
+    real = os.path.realpath(src)
     try:
         os.link(real, dst)
     except OSError:
         shutil.copy2(real, dst)
 
 
+def _walk(base: Path, rel: Path = Path("."), ancestors: tuple[str, ...] = ()) -> Iterator[tuple[Path, list[str]]]:
+    """(folder relative to `base`, its file names) for `base` and every folder below it,
+    following symlinked folders (a pipeline whose unet/ links elsewhere is copied whole).
+
+    A broken symlink, or a folder linked to one of its own parents, is a DeltaError naming it."""
+    folder = base / rel
+    real = os.path.realpath(folder)
+    if real in ancestors:
+        raise DeltaError(f"{folder} is a symlink to its own parent folder {real}: the base cannot be copied")
+    entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            raise DeltaError(f"{entry.path} in the base is a broken symlink (to {os.readlink(entry.path)}); "
+                             "the base is incomplete")
+    yield rel, [entry.name for entry in entries if not entry.is_dir()]
+    for entry in entries:
+        if entry.is_dir():  # follows symlinks
+            yield from _walk(base, rel / entry.name, ancestors + (real,))
+
+
 def apply_delta(delta_dir: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike,
                 component: Optional[str] = None, overwrite: bool = False) -> Path:
-    """Write a copy of `base` (diffusers pipeline or transformers encoder folder) with the delta applied.
+    """Write a copy of `base` (diffusers pipeline or transformers encoder folder, or a hub id
+    `org/name[@revision]`) with the delta applied.
 
     Every fingerprint is checked before anything is written; the output is renamed into
-    place only when complete. Returns `out_dir`, which also holds `hirm_applied.json`.
+    place only when complete, and may not equal, contain or lie inside the delta or the base.
+    Returns `out_dir`, which also holds `hirm_applied.json`.
     """
-    base, out_dir = Path(base), Path(out_dir)
-    if out_dir.resolve() == base.resolve() or base.resolve() in out_dir.resolve().parents:
-        raise DeltaError(f"out_dir must be a new folder outside the base, but {out_dir} is inside {base}")
     delta = load_delta(delta_dir)
+    source = resolve_base(base)
+    return write_patched_copy(delta, source, out_dir, component, overwrite,
+                              inputs={"--delta": delta_dir, "--base": source.path})
+
+
+def write_patched_copy(delta: Delta, source: hub.Source, out_dir: str | os.PathLike, component: Optional[str],
+                       overwrite: bool, inputs: Mapping[str, Optional[str | os.PathLike]]) -> Path:
+    """The body of `apply_delta`; `inputs` ({flag: path}) are the folders the output may not
+    equal, contain or lie inside (the base among them)."""
+    base, out_dir = source.path, Path(out_dir)
     is_pipeline, folders = _resolve_targets(delta, base, component)
     patches = [p for c, folder in folders.items() for p in _plan_component(delta, c, folder)]
     by_file: dict[Path, list[_Patch]] = {}
@@ -371,10 +448,9 @@ def apply_delta(delta_dir: str | os.PathLike, base: str | os.PathLike, out_dir: 
         by_file.setdefault(p.file, []).append(p)
     patched_dirs = {folder.resolve() for folder in folders.values()}
     excluded, previous = [], None
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        for root, dirs, files in os.walk(base):
-            root = Path(root)
-            rel_root = root.relative_to(base)
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
+        for rel_root, files in _walk(base):
+            root = base / rel_root
             (tmp / rel_root).mkdir(parents=True, exist_ok=True)
             for name in files:
                 src, dst = root / name, tmp / rel_root / name
@@ -387,14 +463,22 @@ def apply_delta(delta_dir: str | os.PathLike, base: str | os.PathLike, out_dir: 
                 elif root.resolve() in patched_dirs and name.endswith(STALE_WEIGHT_SUFFIXES):
                     excluded.append(str(rel_root / name))
                 elif rel_root == Path(".") and name == APPLIED_RECORD:
-                    previous = json.loads(src.read_text())
+                    previous = _read_previous_record(src)
                 else:
                     _link_or_copy(src, dst)
-        record = _summary(delta, base, is_pipeline, patches, excluded)
+        record = _summary(delta, source, is_pipeline, patches, excluded)
         if previous is not None:
             record["previous"] = previous
         (tmp / APPLIED_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def _read_previous_record(path: Path) -> dict:
+    """The hirm_applied.json of a base that is itself a patched copy (kept as "previous")."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DeltaError(f"{path} is not valid JSON: {e}") from e
 
 
 # ---------------------------------------------------------------- in memory (torch)
@@ -469,8 +553,9 @@ if __name__ == "__main__":  # usable without installing hirm_jax's JAX side
     parser.add_argument("--base", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--component", default=None)
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     try:
-        print(apply_delta(args.delta, args.base, args.out, component=args.component))
-    except (DeltaError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+        print(apply_delta(args.delta, args.base, args.out, component=args.component, overwrite=args.overwrite))
+    except Exception as e:  # noqa: BLE001  (user errors get one line; bugs keep their traceback)
+        sys.exit(report(e))

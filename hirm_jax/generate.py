@@ -3,6 +3,7 @@
     hirm-jax generate --pipeline=/models/sd14 --delta=deltas/vangogh --prompts=prompts.csv --out=imgs/
     hirm-jax generate --pipeline=/models/sdxl --delta=d/te1 --delta=d/te2 --prompts=p.txt --out=imgs/
     hirm-jax generate --pipeline=/models/sd15-uc --suite=unlearncanvas --out=imgs/   # a suite's prompts and sampler
+    hirm-jax generate --pipeline=CompVis/stable-diffusion-v1-4@main --prompts=p.txt --out=imgs/   # a hub id
     accelerate launch --num_processes=8 -m hirm_jax.generate --pipeline=... --prompts=... --out=imgs/
 
 Every image has its own seed: the prompt file's seed where it gives one (benchmark CSVs do),
@@ -10,8 +11,12 @@ else `derive_seed(seed, prompt id, sample index)`. Noise is drawn from a CPU gen
 image, so an image does not depend on the batch it is in, the number of processes, or the
 device. `out/` holds `images/*.png`, `manifest.jsonl` (one record per image: id, prompt,
 sample, seed, file, settings, pipeline and delta fingerprints; sorted by id then sample) and
-`generation.json` (settings, fingerprints, provenance). Existing images are skipped, so an
+`generation.json` (settings, fingerprints, provenance; for a hub id `org/name[@revision]` the
+snapshot's commit sha as `pipeline_source.revision`). Existing images are skipped, so an
 interrupted run resumes; a rerun with other settings into the same folder is refused.
+Inputs are checked before `out/` is created (a missing path says "does not exist"; deltas and
+denoiser weights that do not fit the pipeline are refused), and `out/` may not equal, contain
+or lie inside any input (--pipeline, --delta, --denoiser, --prompts).
 Under `accelerate launch` each process takes a share of the missing images and process 0
 writes the manifest once every process is done (the folder must be on shared storage).
 """
@@ -30,7 +35,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
-from hirm_jax.fileio import atomic_file, sha256_file, write_json
+from hirm_jax import hub
+from hirm_jax.errors import HirmError, InputMissingError
+from hirm_jax.fileio import atomic_file, check_output_location, require_inputs, sha256_file, write_json
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -60,8 +67,12 @@ SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("guidance", "evaluation_guidance", "sd_guidance_scale")
 
 
-class GenerationError(ValueError):
+class GenerationError(HirmError, ValueError):
     """Bad generation input (prompt file, pipeline, delta, output folder)."""
+
+
+# (flag, path) pairs naming a command's inputs; a flag may repeat (--delta, --images); None is skipped.
+Inputs = Sequence[tuple[str, Optional["str | os.PathLike"]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +168,7 @@ def read_prompts(path: str | os.PathLike, **columns) -> list[PromptRow]:
     """A prompt file: .txt (one prompt per line; blank and # lines skipped; id = line index), .csv or .jsonl (see rows_from_records)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise InputMissingError(f"prompt file {path} does not exist")
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -224,6 +235,22 @@ def delta_fingerprint(delta_dir: str | os.PathLike) -> dict:
             "method": delta.config.get("method"), "objective": (delta.config.get("objective") or {}).get("name")}
 
 
+# ---------------------------------------------------------------- inputs and the output folder
+
+def pipeline_inputs(pipeline_dir: Optional[str | os.PathLike], deltas: Sequence[str | os.PathLike] = (),
+                    denoiser: Optional[str | os.PathLike] = None) -> list[tuple[str, Optional[str | os.PathLike]]]:
+    """The (flag, path) inputs of a generation: --pipeline, every --delta, --denoiser."""
+    return [("--pipeline", pipeline_dir), *(("--delta", d) for d in deltas), ("--denoiser", denoiser)]
+
+
+def resolve_pipeline(pipeline: "str | os.PathLike | hub.Source") -> hub.Source:
+    """--pipeline as a local folder, or a hub id `org/name[@revision]` (every component fetched into
+    the hub cache, or read from it under HF_HUB_OFFLINE)."""
+    if isinstance(pipeline, hub.Source):
+        return pipeline
+    return hub.resolve(pipeline, whole_pipeline=True, what="--pipeline")
+
+
 # ---------------------------------------------------------------- the pipeline
 
 def pipeline_family(pipeline_dir: str | os.PathLike) -> dict:
@@ -274,7 +301,7 @@ def load_denoiser_weights(pipe, path: str | os.PathLike, allow_pickle: bool = Fa
     import torch
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"denoiser weights {path} do not exist")
+        raise InputMissingError(f"--denoiser {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(path))
@@ -349,12 +376,20 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def generate(pipeline_dir: str | os.PathLike, rows: Sequence[PromptRow], out_dir: str | os.PathLike, *,
+def generate(pipeline: "str | os.PathLike | hub.Source", rows: Sequence[PromptRow], out_dir: str | os.PathLike, *,
              deltas: Sequence[str | os.PathLike] = (), denoiser: Optional[str] = None, allow_pickle: bool = False,
              steps: Optional[int] = None, guidance: Optional[float] = None, height: Optional[int] = None,
              width: Optional[int] = None, dtype: str = "auto", scheduler: Optional[str] = None,
-             images_per_prompt: int = 1, seed: int = 0, batch_size: int = 1, extra: Optional[dict] = None) -> Path:
-    """Generate every missing image of `rows` into out_dir and (process 0) write the manifest. See module doc."""
+             images_per_prompt: int = 1, seed: int = 0, batch_size: int = 1, extra: Optional[dict] = None,
+             inputs: Inputs = ()) -> Path:
+    """Generate every missing image of `rows` into out_dir and (process 0) write the manifest. See module doc.
+
+    pipeline: a folder, a hub id or a resolved `hub.Source`; inputs: other inputs (e.g. the prompt
+    file) that out_dir may not equal, contain or lie inside."""
+    source = resolve_pipeline(pipeline)
+    pipeline_dir = source.path
+    require_inputs(pipeline_inputs(pipeline_dir, deltas, denoiser))
+    check_output_location(out_dir, [*pipeline_inputs(pipeline_dir, deltas, denoiser), *inputs])
     info = pipeline_family(pipeline_dir)
     size_h, size_w = height or info["size"], width or info["size"]
     for name, value in (("height", size_h), ("width", size_w)):
@@ -371,28 +406,22 @@ def generate(pipeline_dir: str | os.PathLike, rows: Sequence[PromptRow], out_dir
     jobs = plan_jobs(rows, settings)
     fingerprints = {"pipeline": pipeline_fingerprint(pipeline_dir), "deltas": [delta_fingerprint(d) for d in deltas],
                     "denoiser": sha256_file(denoiser) if denoiser else None}
-    record = {"pipeline": str(pipeline_dir), "pipeline_class": info["class_name"], "settings": dataclasses.asdict(settings),
+    record = {"pipeline": source.hub_id or str(pipeline_dir), "pipeline_source": source.provenance(),
+              "pipeline_class": info["class_name"], "settings": dataclasses.asdict(settings),
               "fingerprints": fingerprints, **(extra or {})}
     _check_resume(out_dir, record, create=False)  # every process, so a refusal stops them all
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _check_resume(out_dir, record, create=True)
     pending = [j for j in jobs if not (out_dir / j.file).is_file()]
     state.wait_for_everyone()  # every process lists the same missing images before any is written
     with state.split_between_processes(pending) as mine:
+        # Loading applies the deltas and denoiser weights: one that does not fit fails before out_dir exists.
+        pipe = load_pipeline(pipeline_dir, deltas, denoiser=denoiser, allow_pickle=allow_pickle, dtype=dtype,
+                             scheduler=scheduler, device=state.device) if mine else None
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _check_resume(out_dir, record, create=True)
+        state.wait_for_everyone()
         if mine:
-            pipe = load_pipeline(pipeline_dir, deltas, denoiser=denoiser, allow_pickle=allow_pickle, dtype=dtype,
-                                 scheduler=scheduler, device=state.device)
-            (out_dir / IMAGES).mkdir(parents=True, exist_ok=True)
-            start, every = time.time(), max(1, len(mine) // 50)
-            for done, (job, image) in enumerate(run_jobs(pipe, mine, settings, batch_size), 1):
-                with atomic_file(out_dir / job.file, "wb") as f:
-                    image.save(f, format="PNG")
-                if done % every and done != len(mine):
-                    continue
-                rate = (time.time() - start) / done
-                print(f"[generate {state.process_index}/{state.num_processes}] {done}/{len(mine)} images, "
-                      f"{rate:.2f} s/image, ETA {rate * (len(mine) - done):.0f} s", file=sys.stderr)
+            _write_images(pipe, mine, settings, batch_size, out_dir, state)
     state.wait_for_everyone()
     if state.is_main_process:
         missing = [j.file for j in jobs if not (out_dir / j.file).is_file()]
@@ -405,6 +434,20 @@ def generate(pipeline_dir: str | os.PathLike, rows: Sequence[PromptRow], out_dir
         write_json(out_dir / GENERATION, {**record, "images": len(jobs), "provenance": provenance()})
     state.wait_for_everyone()
     return out_dir
+
+
+def _write_images(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int, out_dir: Path, state) -> None:
+    """Generate `jobs` into out_dir, each image written atomically, with progress on stderr."""
+    (out_dir / IMAGES).mkdir(parents=True, exist_ok=True)
+    start, every = time.time(), max(1, len(jobs) // 50)
+    for done, (job, image) in enumerate(run_jobs(pipe, jobs, settings, batch_size), 1):
+        with atomic_file(out_dir / job.file, "wb") as f:
+            image.save(f, format="PNG")
+        if done % every and done != len(jobs):
+            continue
+        rate = (time.time() - start) / done
+        print(f"[generate {state.process_index}/{state.num_processes}] {done}/{len(jobs)} images, "
+              f"{rate:.2f} s/image, ETA {rate * (len(jobs) - done):.0f} s", file=sys.stderr)
 
 
 def _check_resume(out_dir: Path, record: dict, create: bool) -> None:
@@ -422,17 +465,20 @@ def _check_resume(out_dir: Path, record: dict, create: bool) -> None:
                               f"{previous}); choose another --out or remove it")
 
 
-def read_manifest(images_dir: str | os.PathLike) -> list[dict]:
+def read_manifest(images_dir: str | os.PathLike, flag: str = "--images") -> list[dict]:
+    """The records of a folder `hirm-jax generate` wrote (InputMissingError when it or its manifest is missing)."""
+    require_inputs([(flag, images_dir)])
     path = Path(images_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{images_dir} holds no {MANIFEST}; make it with `hirm-jax generate`")
+        raise InputMissingError(f"{flag} {os.fspath(images_dir)} holds no {MANIFEST}; make it with `hirm-jax generate`")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------- command line
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pipeline", help="diffusers pipeline folder (SD 1.x/2.x, SDXL, Flux)")
+    parser.add_argument("--pipeline", help="diffusers pipeline folder (SD 1.x/2.x, SDXL, Flux), or a hub id "
+                        "org/name[@revision] (fetched into the hub cache; HF_HUB_OFFLINE=1 reads the cache only)")
     parser.add_argument("--delta", action="append", default=[], help="HiRM delta folder (repeat for SDXL's two encoders)")
     parser.add_argument("--denoiser", help="UNet/transformer erasure as a safetensors of denoiser parameters (ESD, UCE)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow a pickled --denoiser (read weights_only)")
@@ -470,7 +516,7 @@ def main(argv: Sequence[str]) -> int:
         rows = read_prompts(args.prompts)
     rows = rows[:args.limit] if args.limit else rows
     generate(args.pipeline, rows, args.out, deltas=args.delta, denoiser=args.denoiser, allow_pickle=args.allow_pickle,
-             extra=extra, **generation_kwargs(args, defaults))
+             extra=extra, inputs=[("--prompts", args.prompts)], **generation_kwargs(args, defaults))
     if distributed_state().is_main_process:
         print(args.out)
     return 0
@@ -485,10 +531,8 @@ def generation_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
 
 
 if __name__ == "__main__":  # `accelerate launch -m hirm_jax.generate ...`
-    from hirm_jax.delta import DeltaError
-    from hirm_jax.evaluation.suites import SuiteError
+    from hirm_jax.errors import report
     try:
         sys.exit(main(sys.argv[1:]))
-    except (GenerationError, DeltaError, SuiteError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001  (user errors get one line and their exit status; bugs keep their traceback)
+        sys.exit(report(e))

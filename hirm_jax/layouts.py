@@ -12,13 +12,18 @@
   `encoder.layers.*` or `text_model.*` names);
 - a diffusers pipeline folder (model_index.json) plus `component` (text_encoder, text_encoder_2);
 - a single-file Stable Diffusion checkpoint (.safetensors) plus `component` where it holds two
-  encoders; see SINGLE_FILE_ENCODERS. These carry no config.json: the architecture is inferred
-  from the weights and logged;
+  encoders; see SINGLE_FILE_ENCODERS. Each encoder is detected on its own, so a file holding
+  only one of SDXL's two loads it (and asking for the absent one names what the file has).
+  These carry no config.json: the architecture is inferred from the weights and logged;
 - a Flax checkpoint written by `save_flax_checkpoint`.
 
 Pickled checkpoints (.ckpt, .pt, .pth, .bin) can run code when unpickled: they are refused
 unless `allow_pickle=True`, and then read with `torch.load(weights_only=True)`.
 Weights are always loaded as float32 parameters (fp16/bf16 are upcast exactly).
+
+Every bad input is a `WeightsError` naming the file and the rule: a truncated or corrupt
+safetensors file (validated by the safetensors library), invalid JSON, or a config.json that
+describes no valid encoder (e.g. num_attention_heads not dividing hidden_size).
 """
 
 from __future__ import annotations
@@ -28,15 +33,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
 from flax import serialization
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from hirm_jax.fileio import atomic_dir
+from hirm_jax.fileio import atomic_dir, save_safetensors
 from hirm_jax.model import TextEncoder, TextEncoderConfig
 from hirm_jax.weights import (WeightsError, canonical_hf_state, check_params, flax_to_hf, hf_to_flax,
                               infer_config, openclip_layer_count, openclip_to_hf)
@@ -129,19 +133,44 @@ def _encoder_from_hf_state(state: dict[str, np.ndarray], hf_config: Optional[dic
     if hf_config is None:
         config = infer_config(state, hidden_act=hidden_act, source=source)
     else:
-        config = TextEncoderConfig.from_hf_dict(hf_config, has_projection=has_projection)
+        config = config_from_hf(hf_config, has_projection, where=f"{source}/config.json")
     return TextEncoder(config, hf_to_flax(state, config))
 
 
-def _read_hf_config(folder: Path) -> dict:
+def _valid_config(where: str, build: Callable[[], TextEncoderConfig]) -> TextEncoderConfig:
+    """`build()`; a value the model refuses (hidden_size not a multiple of num_attention_heads,
+    an unknown hidden_act, ...) is a WeightsError naming `where`, the file it came from."""
     try:
-        hf_config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{folder / 'config.json'} is not valid JSON: {e}") from e
+        return build()
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{where} does not describe a valid CLIP text encoder: {e}") from e
+
+
+def config_from_hf(hf_config: dict, has_projection: bool, where: str) -> TextEncoderConfig:
+    """TextEncoderConfig from a config.json dict (see `_valid_config`)."""
+    return _valid_config(where, lambda: TextEncoderConfig.from_hf_dict(hf_config, has_projection=has_projection))
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; WeightsError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path} must hold a JSON object but holds a {type(value).__name__}")
+    return value
+
+
+def _read_hf_config(folder: Path) -> dict:
+    """config.json of a transformers folder, checked to describe a CLIP text encoder before any
+    weight is read."""
+    hf_config = _read_json(folder / "config.json")
     model_type = hf_config.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
         raise WeightsError(f"{folder / 'config.json'} must describe a CLIP text model "
                            f"(model_type 'clip_text_model') but has model_type {model_type!r}")
+    config_from_hf(hf_config, has_projection=False, where=str(folder / "config.json"))
     return hf_config
 
 
@@ -194,16 +223,44 @@ def load_pipeline_component(folder: Path, component: Optional[str], allow_pickle
     return load_transformers_folder(folder / component, allow_pickle)
 
 
-def detect_single_file_family(keys: Iterable[str]) -> str:
+def present_encoders(family: str, keys: Iterable[str]) -> dict[str, SingleFileEncoder]:
+    """{component: encoder} for the encoders of `family` that some key lies under; each encoder
+    is detected on its own (an SDXL file may hold only one of its two)."""
     keys = list(keys)
-    for family, encoders in SINGLE_FILE_ENCODERS.items():
-        if all(any(k.startswith(enc.prefix) for k in keys) for enc in encoders):
-            return family
+    return {enc.component: enc for enc in SINGLE_FILE_ENCODERS[family]
+            if any(k.startswith(enc.prefix) for k in keys)}
+
+
+def detect_single_file_family(keys: Iterable[str]) -> str:
+    """The family with the most of its encoders present (their key prefixes are unique across
+    families); WeightsError when no known encoder prefix occurs."""
+    keys = list(keys)
+    found = {family: len(present_encoders(family, keys)) for family in SINGLE_FILE_ENCODERS}
+    family = max(found, key=found.get)  # the first of a tie, in SINGLE_FILE_ENCODERS order
+    if found[family]:
+        return family
     tops = sorted({".".join(k.split(".")[:2]) for k in keys})
     raise WeightsError(
         "unknown single-file layout: no text encoder under any known prefix "
         f"({sorted({e.prefix for encs in SINGLE_FILE_ENCODERS.values() for e in encs})}); "
         f"the file's top-level prefixes are {tops[:12]}")
+
+
+def _choose_single_file_encoder(path: Path, family: str, keys: list[str],
+                                component: Optional[str]) -> SingleFileEncoder:
+    """The encoder asked for; with component=None, the only one the file holds."""
+    present = present_encoders(family, keys)
+    known = {enc.component for enc in SINGLE_FILE_ENCODERS[family]}
+    if component is None and len(present) == 1:
+        return next(iter(present.values()))
+    if component in present:
+        return present[component]
+    if component in known:
+        enc = next(e for e in SINGLE_FILE_ENCODERS[family] if e.component == component)
+        raise WeightsError(f"{path} is a {family} checkpoint holding only {sorted(present)}: this file has "
+                           f"{' and '.join(sorted(present))} but not {component} (no key starts with {enc.prefix!r})")
+    raise WeightsError(f"{path} is a {family} checkpoint: component must be one of {sorted(present)} "
+                       f"but is {component!r}")
 
 
 def load_single_file(path: Path, component: Optional[str], allow_pickle: bool = False) -> TextEncoder:
@@ -214,13 +271,8 @@ def load_single_file(path: Path, component: Optional[str], allow_pickle: bool = 
     else:
         tensors, keys = None, _safetensors_keys(path)
     family = detect_single_file_family(keys)
-    encoders = {enc.component: enc for enc in SINGLE_FILE_ENCODERS[family]}
-    if component is None and len(encoders) == 1:
-        component = next(iter(encoders))
-    if component not in encoders:
-        raise WeightsError(f"{path} is a {family} checkpoint: component must be one of {sorted(encoders)} "
-                           f"but is {component!r}")
-    enc = encoders[component]
+    enc = _choose_single_file_encoder(path, family, keys, component)
+    component = enc.component
     if tensors is None:
         tensors = _read_safetensors(path, keep=lambda key: key.startswith(enc.prefix))
     state = {k[len(enc.prefix):]: v for k, v in tensors.items() if k.startswith(enc.prefix)}
@@ -237,15 +289,17 @@ def load_single_file(path: Path, component: Optional[str], allow_pickle: bool = 
 
 def load_flax_checkpoint(folder: Path) -> TextEncoder:
     """A folder written by `save_flax_checkpoint`."""
-    meta = json.loads((folder / "config.json").read_text())
+    meta = _read_json(folder / "config.json")
     if meta.get("format") != FLAX_FORMAT or meta.get("format_version") != FLAX_FORMAT_VERSION:
         raise WeightsError(f"{folder / 'config.json'} must declare format {FLAX_FORMAT!r} version "
                            f"{FLAX_FORMAT_VERSION} but declares {meta.get('format')!r} {meta.get('format_version')!r}")
     fields = {f.name for f in dataclasses.fields(TextEncoderConfig)}
+    if not isinstance(meta.get("config"), dict):
+        raise WeightsError(f"{folder / 'config.json'} must hold a 'config' object (TextEncoderConfig fields)")
     unknown = sorted(set(meta["config"]) - fields)
     if unknown:
         raise WeightsError(f"{folder / 'config.json'} has unknown config fields {unknown}")
-    config = TextEncoderConfig(**meta["config"])
+    config = _valid_config(str(folder / "config.json"), lambda: TextEncoderConfig(**meta["config"]))
     try:
         params = serialization.msgpack_restore((folder / FLAX_PARAMS_NAME).read_bytes())
     except Exception as e:
@@ -307,7 +361,8 @@ def _version() -> str:
     return hirm_jax.__version__
 
 
-def save_text_encoder(encoder: TextEncoder, out_dir: str | os.PathLike, params=None, overwrite: bool = False) -> Path:
+def save_text_encoder(encoder: TextEncoder, out_dir: str | os.PathLike, params=None, overwrite: bool = False,
+                      inputs: Optional[Mapping[str, str | os.PathLike]] = None) -> Path:
     """Write a transformers folder (config.json + model.safetensors, `text_model.*` layout, float32).
 
     `CLIPTextModel` / `CLIPTextModelWithProjection.from_pretrained` (transformers 4.x and 5.x)
@@ -317,14 +372,14 @@ def save_text_encoder(encoder: TextEncoder, out_dir: str | os.PathLike, params=N
     params = encoder.params if params is None else params
     state = flax_to_hf(params, encoder.config)
     state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "hirm_jax_version": _version()})
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
+        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "hirm_jax_version": _version()})
         (tmp / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
 
 def save_flax_checkpoint(encoder: TextEncoder, out_dir: str | os.PathLike, params=None,
-                         overwrite: bool = False) -> Path:
+                         overwrite: bool = False, inputs: Optional[Mapping[str, str | os.PathLike]] = None) -> Path:
     """Write a Flax checkpoint: config.json (format, version, TextEncoderConfig) + flax_params.msgpack.
 
     The params are stored as `flax.serialization.msgpack_serialize` of the numpy tree, in
@@ -335,7 +390,7 @@ def save_flax_checkpoint(encoder: TextEncoder, out_dir: str | os.PathLike, param
     numpy_params = serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, params))
     meta = dict(format=FLAX_FORMAT, format_version=FLAX_FORMAT_VERSION, hirm_jax_version=_version(),
                 config=dataclasses.asdict(encoder.config))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / FLAX_PARAMS_NAME).write_bytes(serialization.msgpack_serialize(numpy_params))
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)

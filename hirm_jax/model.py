@@ -61,6 +61,9 @@ class TextEncoderConfig:
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)} but is {self.hidden_act!r}")
+        if self.num_attention_heads <= 0 or self.hidden_size <= 0:
+            raise ValueError(f"hidden_size and num_attention_heads must be positive but are "
+                             f"{self.hidden_size} and {self.num_attention_heads}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size must be divisible by num_attention_heads but is "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -74,9 +74,27 @@ def encode_in_chunks(encode_fn, params, ids: np.ndarray, mask: np.ndarray) -> di
     return {h: np.concatenate(v) for h, v in results.items()}
 
 
-def tokenize(tokenizer, texts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer, texts, max_length: int, vocab_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of `texts`; with `vocab_size`, every id is checked against it."""
     batch = encode_prompts(tokenizer, texts, max_length=max_length)
+    if vocab_size is not None:
+        check_token_ids(batch["input_ids"], texts, vocab_size, tokenizer)
     return batch["input_ids"], batch["attention_mask"]
+
+
+def check_token_ids(ids: np.ndarray, texts, vocab_size: int, tokenizer) -> None:
+    """Every token id must index the encoder's embedding table (ids < vocab_size). A larger id
+    means the tokenizer is not the encoder's; JAX would look it up as NaN, not fail."""
+    bad = np.argwhere(np.asarray(ids) >= vocab_size)
+    if not bad.size:
+        return
+    row, column = (int(i) for i in bad[0])
+    token_id = int(ids[row, column])
+    raise config_lib.ConfigError(
+        f"prompt {list(texts)[row]!r} has token {tokenizer.convert_ids_to_tokens(token_id)!r} with id {token_id}, "
+        f"but the encoder's vocab_size is {vocab_size} (token ids must be < vocab_size; {len(bad)} token(s) of "
+        f"{len(ids)} prompt(s) are not): the tokenizer is not this encoder's; set encoder.tokenizer to the "
+        "encoder's own tokenizer folder")
 
 
 def concept_key(seed: int, name: str) -> jax.Array:
@@ -85,29 +103,30 @@ def concept_key(seed: int, name: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF)
 
 
-def concept_vector(config, tokenizer, encode_fn, params, max_length: int) -> dict[str, np.ndarray]:
+def concept_vector(config, tok: Callable, encode_fn, params) -> dict[str, np.ndarray]:
     """Ring-A-Bell-style empirical concept vector per hook: mean over paired prompts of
-    frozen(with concept) - frozen(without), per position ([T', D])."""
+    frozen(with concept) - frozen(without), per position ([T', D]). tok: texts -> (ids, mask)."""
     path = config.objective.vector_pairs_file
     rows = [line.split("\t") for line in prompts.read_lines(path, "objective.vector_pairs_file")]
     rows = [r for r in rows if r != ["with_concept", "without_concept"]]
     bad = [i for i, r in enumerate(rows, 1) if len(r) != 2]
     if bad or not rows:
         raise config_lib.ConfigError(f"{path}: every row must hold 2 tab-separated prompts; rows {bad[:5]} do not")
-    with_reps = encode_in_chunks(encode_fn, params, *tokenize(tokenizer, [r[0] for r in rows], max_length))
-    without_reps = encode_in_chunks(encode_fn, params, *tokenize(tokenizer, [r[1] for r in rows], max_length))
+    with_reps = encode_in_chunks(encode_fn, params, *tok([r[0] for r in rows]))
+    without_reps = encode_in_chunks(encode_fn, params, *tok([r[1] for r in rows]))
     return {h: (with_reps[h] - without_reps[h]).mean(0) for h in with_reps}
 
 
 def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
     obj = config.objective
     hooks = tuple(obj.hooks)
-    max_length = encoder.config.max_position_embeddings
+    max_length, vocab_size = encoder.config.max_position_embeddings, encoder.config.vocab_size
+    tok = lambda texts: tokenize(tokenizer, texts, max_length, vocab_size)
     encode_fn = make_encode_fn(encoder, hooks, config.encoder.use_attention_mask)
     groups = [list(concepts)] if config.joint else [[c] for c in concepts]
     pairs_per_job = [prompts.build_prompt_pairs(group, config.templates) for group in groups]
     pairs = [p for job in pairs_per_job for p in job]
-    ids, mask = tokenize(tokenizer, [p.prompt for p in pairs], max_length)
+    ids, mask = tok([p.prompt for p in pairs])
 
     if obj.name == "hirm_r":
         targets = {}
@@ -119,10 +138,9 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
                 for c in concepts}
             targets[hook] = np.stack([by_concept[p.concept] for p in pairs])
     elif obj.name == "hirm_s":
-        targets = encode_in_chunks(encode_fn, encoder.params,
-                                   *tokenize(tokenizer, [p.anchor_prompt for p in pairs], max_length))
+        targets = encode_in_chunks(encode_fn, encoder.params, *tok([p.anchor_prompt for p in pairs]))
     else:  # hirm_s_vector
-        vector = concept_vector(config, tokenizer, encode_fn, encoder.params, max_length)
+        vector = concept_vector(config, tok, encode_fn, encoder.params)
         frozen = encode_in_chunks(encode_fn, encoder.params, ids, mask)
         targets = {h: frozen[h] - vector[h] for h in hooks}
 
@@ -138,7 +156,7 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
         from hirm_jax.resources import data_path  # noqa: PLC0415
         retain = prompts.read_lines(config.preservation.prompts_file or data_path("ordinary_prompts.txt"),
                                     "preservation.prompts_file")[: config.preservation.batch_size or None]
-        r_ids, r_mask = tokenize(tokenizer, retain, max_length)
+        r_ids, r_mask = tok(retain)
         shared = dict(retain_ids=r_ids, retain_mask=r_mask,
                       retain_targets=encode_in_chunks(encode_fn, encoder.params, r_ids, r_mask),
                       retain_weights={h: np.asarray(objectives.position_weights(r_ids, r_mask, obj.token_positions, h))

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hirm_jax.config_lib import CONCEPT_TYPES, ConfigError
+from hirm_jax.config_lib import CONCEPT_TYPES, ConfigError, name_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +61,18 @@ def parse_concepts_file(path: str | Path, default_type: str) -> list[Concept]:
 
 
 def concepts_from_config(config) -> list[Concept]:
-    """The concept list of a config (inline `concepts` or `concepts_file`), validated."""
+    """The concept list of a config (inline `concepts` or `concepts_file`; config_lib.validate
+    refuses both), validated.
+
+    An inline concept's super-category is looked up in `super_categories` by name compared
+    case-insensitively (as duplicates are); names may hold dots ("Dr. Seuss")."""
     if config.concepts_file:
         concepts = parse_concepts_file(config.concepts_file, config.concept_type)
     else:
-        anchors = dict(config.super_categories.items())
+        anchors = {name_key(name): anchor for name, anchor in config.super_categories.items()}
         concepts = _check_concepts(
-            [(i, Concept(str(name).strip(), anchors.get(name), config.concept_type, f"config.concepts[{i - 1}]"))
+            [(i, Concept(str(name).strip(), anchors.get(name_key(name)), config.concept_type,
+                         f"config.concepts[{i - 1}]"))
              for i, name in enumerate(config.concepts, start=1)], where="config.concepts")
     if not concepts:
         raise ConfigError("the concept list is empty: nothing to erase")
@@ -85,7 +90,7 @@ def _check_concepts(numbered: list[tuple[int, Concept]], where: str) -> list[Con
     for number, concept in numbered:
         if not concept.name:
             raise ConfigError(f"{concept.where}: empty concept name")
-        key = concept.name.lower()
+        key = name_key(concept.name)
         if key in seen:
             raise ConfigError(f"{concept.where}: {concept.name!r} duplicates entry {seen[key]} of {where} "
                               "(names are compared case-insensitively)")
@@ -133,8 +138,13 @@ def tokenizer_folder(encoder_path: str | Path, component: Optional[str], tokeniz
 
 
 def load_tokenizer(encoder_path: str | Path, component: Optional[str] = None, tokenizer_path: Optional[str] = None):
-    """The encoder's own CLIP tokenizer, through transformers."""
+    """The encoder's own CLIP tokenizer, through transformers. `encoder_path` may be a hub id
+    (`org/name[@revision]`, resolved through the hub cache as `hirm_jax.hub.resolve` does)."""
     from transformers import CLIPTokenizer
+
+    from hirm_jax import hub
+    if not tokenizer_path:
+        encoder_path = hub.resolve(encoder_path, component=component, what="encoder.path").path
     folder = tokenizer_folder(encoder_path, component, tokenizer_path)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"tokenizer folder {folder} has none of {list(TOKENIZER_FILES)}")

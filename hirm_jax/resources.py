@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+from hirm_jax.errors import InputMissingError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"  # in the wheel too: setup.py's PACKAGE_DATA
 
 
 def data_path(name: str) -> Path:
-    """The path of a shipped data file; FileNotFoundError lists what is shipped."""
+    """The path of a shipped data file; InputMissingError (a FileNotFoundError) lists what is shipped."""
     path = DATA_DIR / name
     if not path.is_file():
         shipped = sorted(p.name for p in DATA_DIR.iterdir() if p.is_file()) if DATA_DIR.is_dir() else []
-        raise FileNotFoundError(f"hirm_jax ships no data file {name!r}; it ships {shipped}")
+        raise InputMissingError(f"hirm_jax ships no data file {name!r}; it ships {shipped}")
     return path
 

@@ -12,6 +12,11 @@ no ftfy/HTML clean-up, unlike open_clip's.
 
 Prompts longer than `max_length` tokens raise PromptTooLongError: a truncated prompt would
 silently erase (or evaluate) a different concept.
+
+    tokenizer = load_clip_tokenizer("sd-v1-4/tokenizer")   # a saved tokenizer folder
+
+`load_clip_tokenizer` reads a saved folder; a corrupt file (tokenizer.json, vocab.json, ...
+that is not JSON) is a TokenizerError naming the file, not an error deep inside transformers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hirm_jax.errors import HirmError, InputMissingError
 from hirm_jax.fileio import atomic_dir
 
 MAX_LENGTH = 77
@@ -32,8 +38,44 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # 48894: CLIP's vocabulary is 49408 = 2 * 256 + merges + 2 specials
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(HirmError, ValueError):
     """A prompt needs more tokens than the text encoder has positions."""
+
+
+class TokenizerError(HirmError, ValueError):
+    """A tokenizer folder that is missing, incomplete or corrupt."""
+
+
+# transformers 5 saves only tokenizer.json; older savers write vocab.json + merges.txt.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json")
+
+
+def load_clip_tokenizer(folder: str | os.PathLike):
+    """A transformers `CLIPTokenizer` read from a saved folder.
+
+    The folder must hold tokenizer.json or vocab.json (+ merges.txt); every JSON file of it
+    must parse (TokenizerError naming the file and the position); anything else transformers
+    refuses is a TokenizerError naming the folder."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputMissingError(f"tokenizer folder {folder} does not exist")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TokenizerError(f"tokenizer folder {folder} has none of {list(TOKENIZER_FILES)}")
+    for name in TOKENIZER_JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{path} is not valid JSON ({e}): the tokenizer folder is corrupt") from e
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers and tokenizers raise many types for a bad folder
+        raise TokenizerError(f"cannot load a CLIP tokenizer from {folder}: {type(e).__name__}: {e}") from e
 
 
 def clip_bpe_path() -> Path:

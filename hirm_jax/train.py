@@ -18,13 +18,26 @@ A finished workdir holds (the contract `hirm_jax.export` reads):
     erased_trainable.safetensors    the trained leaves, keyed by Flax path
     metrics.jsonl, loss.png         the loss curve
     checkpoints/                    orbax training state
+    .lock                           held (flock) by the erase running in it
 and, for independent jobs, one folder per concept under concepts/ (each with its own
 run.json and erased_trainable.safetensors) instead of the top-level two, plus index.json
 (concept -> folder, the chunks, timings). On a multi-process run process 0 writes them all.
+
+run.json's `base` says which base the deltas apply to: `source` (an absolute path, or the hub
+id with its `revision` and local `snapshot`), `component`, `trainable_sha256` ({Flax path:
+`delta.fingerprint` of the base value} for every trained leaf) and `files_sha256` ({file name
+relative to the source: sha256} of the weight files the base was read from).
+
+Rules for a workdir: it is absent, empty, or one an erase wrote (anything else, such as an
+encoder folder, is refused before it is touched); one erase at a time holds its lock (a second
+exits naming the first's pid); the config and the base are checked before it is touched, so a
+bad input writes nothing. Bad base weights (NaN/inf) and a tokenizer whose ids do not fit the
+encoder's vocabulary are refused before training, naming the tensor or the prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,18 +54,21 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
-from safetensors.numpy import save as safetensors_bytes
 
 import hirm_jax
-from hirm_jax import config_lib, masking, objectives, prompts, provenance, sharding
+from hirm_jax import config_lib, hub, masking, objectives, prompts, provenance, sharding
 from hirm_jax.checkpoint import Checkpointer
-from hirm_jax.fileio import atomic_file, write_json
-from hirm_jax.layouts import load_text_encoder
+from hirm_jax.delta import fingerprint
+from hirm_jax.errors import HirmError, OutputError
+from hirm_jax.fileio import atomic_file, folder_lock, safetensors_bytes, sha256_file, write_json
+from hirm_jax.layouts import (FLAX_PARAMS_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
+                              describe_layout, load_text_encoder)
 from hirm_jax.model import TextEncoder
 from hirm_jax.problem import Jobs, build_jobs
+from hirm_jax.weights import WeightsError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HirmError, RuntimeError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
 
 
@@ -179,6 +195,7 @@ class Setup:
     new_state: Callable[[], dict]  # a fresh state for the next chunk
     place_jobs: Callable[[int, int], dict]  # the per-job arrays of jobs [lo, hi), padded, on the mesh
     step_args: Callable[[dict, int], tuple]  # (per_job, step) -> the step's arguments after the state
+    base: dict  # run.json's "base": source, component, fingerprints of the trained leaves and weight files
 
 
 def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
@@ -187,10 +204,11 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     config = config_lib.resolve_defaults(config)
     concepts = prompts.concepts_from_config(config)
     sharding.initialize_distributed()
-    encoder = load_text_encoder(config.encoder.path, config.encoder.component or None)
+    component = config.encoder.component or None
+    source = hub.resolve(config.encoder.path, component=component, what="encoder.path")
+    encoder = load_base(source, component, config.encoder.allow_pickle)
     encoder = TextEncoder(encoder.config.replace(dtype=config.encoder.dtype), encoder.params)
-    tokenizer = prompts.load_tokenizer(config.encoder.path, config.encoder.component or None,
-                                       config.encoder.tokenizer or None)
+    tokenizer = prompts.load_tokenizer(source.path, component, config.encoder.tokenizer or None)
     prompts.check_prompt_lengths(concepts, config.templates, tokenizer, encoder.config.max_position_embeddings)
     jobs = build_jobs(config, encoder, tokenizer, concepts)
     requested = config.train.concepts_per_chunk
@@ -206,6 +224,9 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     paths = masking.trainable_paths(encoder.params, config.train.trainable_blocks,
                                     config.train.trainable_modules, config.train.trainable_regex)
     trainable, frozen = masking.split(encoder.params, paths)
+    base_record = dict(source.provenance(), component=component,
+                       trainable_sha256={p: fingerprint(np.asarray(v, np.float32)) for p, v in sorted(trainable.items())},
+                       files_sha256=base_file_fingerprints(source.path, component))
 
     frozen_sh = sharding.frozen_shardings(mesh, frozen)
     frozen = sharding.put(frozen, frozen_sh)
@@ -241,7 +262,66 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     init = jax.jit(lambda t: init_state(t, optimizer, num_padded), out_shardings=state_sh)
     total_steps = config.train.epochs * math.ceil(jobs.prompts_per_job / batch_size)
     return Setup(config, encoder, jobs, mesh, step_fn, init(base), frozen, place_jobs(*chunks[0]), shared,
-                 batch_size, total_steps, chunks, lambda: init(base), place_jobs, step_args)
+                 batch_size, total_steps, chunks, lambda: init(base), place_jobs, step_args, base_record)
+
+
+# ----------------------------------------------------------------------------- the base
+
+ERASE_PICKLE_FLAG = "--config.encoder.allow_pickle=True"
+
+
+def load_base(source: hub.Source, component: Optional[str], allow_pickle: bool) -> TextEncoder:
+    """The base encoder, refused when any weight is NaN/inf (it would surface only as a NaN loss).
+
+    A refused pickle names erase's own switch, encoder.allow_pickle (the loaders name the
+    converters' --allow-pickle)."""
+    try:
+        encoder = load_text_encoder(source.path, component, allow_pickle=allow_pickle)
+    except WeightsError as e:
+        if allow_pickle or "--allow-pickle" not in str(e):
+            raise
+        message = str(e).replace("allow_pickle=True (--allow-pickle)", "--allow-pickle")
+        raise WeightsError(message.replace("--allow-pickle", ERASE_PICKLE_FLAG)) from e
+    check_finite_weights(encoder.params, f"{source.path}" + (f" (component {component})" if component else ""))
+    return encoder
+
+
+def check_finite_weights(params, where: str) -> None:
+    """Every base weight must be finite; the error names the first bad tensor by Flax path."""
+    bad = {}
+    for path, value in masking.flatten(params).items():
+        value = np.asarray(value)
+        if not np.isfinite(value).all():
+            bad[path] = (int(np.isnan(value).sum()), int(np.isinf(value).sum()), value.size)
+    if bad:
+        path, (nans, infs, size) = sorted(bad.items())[0]
+        others = f"; {len(bad) - 1} more tensor(s) too: {sorted(bad)[1:4]}" if len(bad) > 1 else ""
+        raise WeightsError(f"the base encoder {where} has non-finite weights: {path} holds {nans} NaN and {infs} inf "
+                           f"of {size} values{others}; every weight must be finite (a corrupt or badly converted "
+                           "checkpoint?)")
+
+
+def base_weight_files(path: Path, component: Optional[str]) -> list[Path]:
+    """The files `load_text_encoder(path, component)` reads weights from, in the loaders' order of
+    preference: model.safetensors, else the index and its shards, else pytorch_model.bin."""
+    layout = describe_layout(path)
+    if layout == "single_file":
+        return [path]
+    folder = path / component if layout == "pipeline" and component else path
+    if layout == "flax":
+        return [folder / FLAX_PARAMS_NAME]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    if (folder / WEIGHTS_INDEX_NAME).is_file():
+        shards = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()
+        return [folder / WEIGHTS_INDEX_NAME, *(folder / shard for shard in sorted(set(shards)))]
+    return [folder / PICKLE_WEIGHTS_NAME]
+
+
+def base_file_fingerprints(path: Path, component: Optional[str]) -> dict[str, str]:
+    """{file name relative to the source (a single file: its name): sha256} of the weight files."""
+    return {(f.relative_to(path).as_posix() if path.is_dir() else f.name): sha256_file(f)
+            for f in base_weight_files(path, component)}
 
 
 def _abstract(tree, shardings):
@@ -259,18 +339,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     `stop_after` ends the run after that many steps (with a checkpoint), as an interruption would.
     Checkpoints are numbered by global step, chunk * total_steps + step, so a resumed run knows
     its chunk; a chunk's results are written when it ends, before the next chunk starts.
+
+    The workdir is checked (check_workdir_kind) and the config and base loaded before it is
+    touched; from then on the writing process holds its lock (fileio.folder_lock) to the end.
     """
     t0 = time.perf_counter()
     workdir = Path(workdir)
+    check_workdir_kind(workdir)
     run = setup_run(_keep_saved_chunking(config, workdir), mesh)
+    with folder_lock(workdir, "workdir") if sharding.is_writer() else contextlib.nullcontext():
+        return _train_in(workdir, run, stop_after, t0)
+
+
+def _train_in(workdir: Path, run: Setup, stop_after: Optional[int], t0: float) -> dict[str, Any]:
+    """The body of train_and_evaluate, under the workdir's lock."""
     config, jobs = run.config, run.jobs
     resolved = json.loads(config.to_json())
     _check_workdir(workdir, resolved)
     t_load = time.perf_counter()
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_path = workdir / "metrics.jsonl"
+    workdir.mkdir(parents=True, exist_ok=True)  # (the writer's lock made it; other processes may not see it yet)
     if sharding.is_writer():
         write_json(workdir / "config.json", resolved)
+        drop_torn_tail(metrics_path)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.checkpoints_to_keep)
     steps = run.total_steps
     latest = ckpt.latest_step()
@@ -279,7 +371,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     compiled = run.step_fn.lower(run.state, *run.step_args(run.per_job, 0)).compile()  # ahead: compile and step timed apart
     t_compile = time.perf_counter()
 
-    metrics_path = workdir / "metrics.jsonl"
     budget = math.inf if stop_after is None else stop_after
     t_train = t_ckpt = 0.0
     labels = len(run.chunks) > 1
@@ -349,7 +440,7 @@ def slug(name: str) -> str:
 def _common_summary(run: Setup, resolved: dict) -> dict:
     config = run.config
     return dict(
-        base=dict(source=_absolute_if_local(config.encoder.path), component=config.encoder.component or None),
+        base=run.base,
         component_name=config.encoder.component or "text_encoder",
         encoder_config=dataclasses.asdict(run.encoder.config),
         concept_type=config.concept_type, objective=resolved["objective"],
@@ -398,11 +489,6 @@ def _write_summary(run: Setup, workdir: Path, timings: dict) -> dict:
     return dict(index, jobs=[json.loads((folder / "run.json").read_text()) for folder in folders])
 
 
-def _absolute_if_local(path: str) -> str:
-    """Local paths are recorded absolute (export runs from anywhere); hub ids as given."""
-    return str(Path(path).resolve()) if Path(path).exists() else path
-
-
 def _keep_saved_chunking(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
     """Resuming a concepts_per_chunk=-1 run: use the chunk size it chose (recorded in its
     config.json), not a new fit to this machine's memory, so the chunks stay the same."""
@@ -415,10 +501,47 @@ def _keep_saved_chunking(config: ml_collections.ConfigDict, workdir: Path) -> ml
     return config
 
 
+def _saved_config(workdir: Path) -> Optional[dict]:
+    """The config.json an erase wrote into `workdir` (None when there is none, or it is another
+    program's config.json: an erase config has encoder, objective and train sections)."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and {"encoder", "objective", "train"} <= set(saved) else None
+
+
+def check_workdir_kind(workdir: Path) -> None:
+    """A workdir is absent, empty (hidden files aside), or a folder an erase wrote (its
+    config.json); anything else, such as an encoder or pipeline folder, is refused untouched."""
+    if not workdir.exists() or (workdir.is_dir() and _saved_config(workdir) is not None):
+        return
+    if not workdir.is_dir():
+        raise OutputError(f"--workdir={workdir} is a file, not a folder; choose a new or empty folder for the run")
+    entries = sorted(p.name for p in workdir.iterdir() if not p.name.startswith("."))
+    if entries:
+        raise OutputError(f"--workdir={workdir} exists and is not an erase workdir: it {_looks_like(workdir, entries)}; "
+                          "choose a new or empty folder (an existing erase workdir resumes its run)")
+
+
+def _looks_like(folder: Path, entries: list[str]) -> str:
+    try:
+        layout = describe_layout(folder)
+    except WeightsError:
+        listing = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        noun = "entry" if len(entries) == 1 else "entries"
+        return f"holds {len(entries)} {noun} ({listing}) but no config.json written by erase"
+    return {"pipeline": "looks like a diffusers pipeline folder (model_index.json)",
+            "flax": f"looks like a Flax encoder checkpoint ({FLAX_PARAMS_NAME})",
+            "transformers": "looks like a transformers model folder (its config.json describes a model, not an "
+                            "erase run)"}[layout]
+
+
 def _check_workdir(workdir: Path, resolved: dict) -> None:
-    saved = workdir / "config.json"
-    if saved.is_file():
-        previous = json.loads(saved.read_text())
+    previous = _saved_config(workdir)
+    if previous is not None:
+        with contextlib.suppress(KeyError, AttributeError, TypeError, ValueError):  # (then compared as it is)
+            previous = json.loads(config_lib.from_resolved(previous).to_json())  # fields added since: defaults
         ignore = {"log_every", "checkpoint_every", "checkpoints_to_keep", "memory_budget_gib"}
         strip = lambda d: {**{k: v for k, v in d.items() if k != "mesh"},
                            "train": {k: v for k, v in d["train"].items() if k not in ignore}}
@@ -434,9 +557,11 @@ def _check_finite(state, jobs: Jobs, lo: int, hi: int, ckpt: Checkpointer, workd
         ckpt.close()
         j = int(np.argmax(bad >= 0))
         names = [c.name for c in jobs.concepts[lo + j]]
+        latest = ckpt.latest_step()
+        kept = (f"The last good checkpoint (global step {latest}) is kept in {workdir / 'checkpoints'}"
+                if latest is not None else "No checkpoint had been saved yet")
         raise NonFiniteLossError(
-            f"loss or gradient became NaN/inf at step {int(bad[j]) + 1} (concepts {names}); stopped. "
-            f"The last good checkpoint (global step {ckpt.latest_step()}) is kept in {workdir / 'checkpoints'}; "
+            f"loss or gradient became NaN/inf at step {int(bad[j]) + 1} (concepts {names}); stopped. {kept}; "
             "lower train.learning_rate, set train.grad_clip_norm, or check objective.scale")
 
 
@@ -459,11 +584,36 @@ def _log(metrics_path: Path, pending: list, num_jobs: int, done: int, total: int
           f"eta {per_step * remaining:.0f}s", file=sys.stderr)
 
 
+def drop_torn_tail(metrics_path: Path) -> None:
+    """Cut a torn last line (a process killed in the middle of writing it) off metrics.jsonl,
+    so the rows appended next start on a line of their own."""
+    if not metrics_path.is_file():
+        return
+    data = metrics_path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(metrics_path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        print(f"{metrics_path}: dropped a torn last line left by an interrupted run", file=sys.stderr)
+
+
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line that is not JSON (torn by an interrupted run, or two
+    rows run together by an older version) is skipped with a note."""
+    rows = []
+    for number, line in enumerate(metrics_path.read_text().splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            print(f"{metrics_path}:{number}: skipped a line that is not JSON (torn by an interrupted run)",
+                  file=sys.stderr)
+    return rows
+
+
 def _plot_loss(metrics_path: Path, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    rows = read_metrics(metrics_path)
     last = {(r.get("chunk", 0), r["step"]): r for r in rows}  # a resumed run may log a step twice: keep the last
     by_step = {}  # chunked runs: the mean over chunks
     for (_, step), r in last.items():

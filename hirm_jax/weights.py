@@ -35,12 +35,13 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import jax
 
+from hirm_jax.errors import HirmError
 from hirm_jax.model import DTYPES, LEGACY_EOS_TOKEN_ID, TextEncoder, TextEncoderConfig
 
 log = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
+class WeightsError(HirmError, ValueError):
     """A checkpoint does not match the model: names the offending keys and the rule."""
 
 

@@ -13,7 +13,9 @@ reports mean UA / IRA / CRA per kind (JSON + Markdown):
 
 Every method uses the demo's settings (`hirm_jax.demo.demo_config`, preservation term included);
 `--methods`, `--concepts` and `--seeds-per-cell` set a budget, and a run that does not cover
-the full protocol is marked partial.
+the full protocol is marked partial. The world and the arguments are checked before anything is
+written, and --out may not equal, contain or lie inside the world folder (--world, default the
+shipped one).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from hirm_jax.fileio import atomic_file, write_json
+from hirm_jax.errors import UsageError
+from hirm_jax.fileio import atomic_file, check_output_location, write_json
 
 METHODS = ("hirm_r", "hirm_s", "early_block", "full_finetune", "joint", "averaged")
 FULL_SEEDS_PER_CELL = 5
@@ -96,8 +99,10 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
     from hirm_jax.demo import benchmark_grid, figures, judged_rows
     from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
     out_dir = Path(out_dir)
-    world = w.load_world(world_path)
+    check_output_location(out_dir, {"--world": world_path or w.SHIPPED})
     concepts = list(concepts) or list(w.OBJECTS + w.STYLES)
+    _check_arguments(concepts, methods, seeds_per_cell)
+    world = w.load_world(world_path)  # every file checked before anything is written
     grid = benchmark_grid(seeds_per_cell)
     t0 = time.perf_counter()
     original = w.generate(world, None, [r["prompt"] for r in grid], [r["seed"] for r in grid])
@@ -133,6 +138,20 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
         f.write(markdown(report))
     print(markdown(report))
     return report
+
+
+def _check_arguments(concepts: Sequence[str], methods: Sequence[str], seeds_per_cell: int) -> None:
+    """Concepts are the world's objects and styles, methods are METHODS, seeds_per_cell >= 1."""
+    from hirm_jax import world as w
+    unknown = [c for c in concepts if c not in w.OBJECTS + w.STYLES]
+    if unknown:
+        raise UsageError(f"--concepts {unknown} are not concepts of the demo world; choose among the objects "
+                         f"{list(w.OBJECTS)} and the styles {list(w.STYLES)}")
+    bad_methods = [m for m in methods if m not in METHODS]
+    if bad_methods:
+        raise UsageError(f"--methods {bad_methods} are not benchmark methods; choose among {list(METHODS)}")
+    if seeds_per_cell < 1:
+        raise UsageError(f"--seeds-per-cell must be at least 1 but is {seeds_per_cell}")
 
 
 def _per_kind(result: dict, concepts) -> dict:

@@ -17,6 +17,7 @@ from tests.fixtures_pipelines import (TINY_CONFIG_PROJ, fabricate_workdir, save_
                                 tiny_encoder, tiny_sd_pipeline, tiny_tokenizer)
 from hirm_jax import export
 from hirm_jax.delta import fingerprint, round_to
+from hirm_jax.errors import OutputError
 from hirm_jax.masking import flatten
 from hirm_jax.weights import canonical_hf_state, expand_table
 
@@ -288,7 +289,7 @@ def test_sharded_symlinked_and_variant_checkpoints_are_all_patched(world, tmp_pa
     for shard, keys in shards.items():  # the base's blobs are untouched
         untouched = load_file(str(blobs / shard))
         assert all(np.array_equal(untouched[k], state[k]) for k in keys)
-    with pytest.raises(export.DeltaError, match="outside the base"):
+    with pytest.raises(OutputError, match="lies inside the input --base"):
         export.apply_delta(world.delta32, snap, snap / "inside")
 
 

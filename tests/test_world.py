@@ -74,7 +74,10 @@ def test_shipped_world_generates_what_is_asked(shipped):
     images = w.generate(shipped, prompts=prompts, seeds=seeds)
     assert images.shape == (len(prompts), 32, 32, 3) and images.dtype == np.uint8
     again = w.generate(shipped, shipped.text_encoder_path, prompts[:2], seeds[:2])
-    np.testing.assert_array_equal(images[:2], again)  # a picture does not depend on its batch
+    # A picture does not depend on its batch, up to one grey level: XLA's CPU kernels (AVX-512,
+    # AMX) may sum in another order for another batch size, so bit-equality is not promised.
+    difference = np.abs(images[:2].astype(np.int16) - again.astype(np.int16))
+    assert difference.max() <= 1, f"images differ by {difference.max()}/255 across batch sizes"
     pred = shipped.judge.classify(images)
     objects_right = np.mean([p == o for p, (o, _) in zip(pred["object"], cells)])
     styles_right = np.mean([p == s for p, (_, s) in zip(pred["style"], cells)])

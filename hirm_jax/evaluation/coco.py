@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hirm_jax.errors import InputMissingError
 from hirm_jax.evaluation import suites
 from hirm_jax.evaluation.metrics import Metric, bootstrap_interval, cosine_similarities, frechet_distance, mean_metric
 from hirm_jax.generate import PromptRow, read_prompts
@@ -33,7 +34,7 @@ def clip_embeddings(clip_dir: str, paths: Sequence[Path], captions: Sequence[str
     from transformers import AutoProcessor, CLIPModel
 
     if not Path(clip_dir).is_dir():
-        raise FileNotFoundError(f"CLIP model folder {clip_dir} does not exist")
+        raise InputMissingError(f"CLIP model folder {clip_dir} does not exist")
     model = CLIPModel.from_pretrained(clip_dir).eval()
     processor = AutoProcessor.from_pretrained(clip_dir)
     images, texts = [], []
@@ -54,7 +55,7 @@ def inception_features(model_path: str, paths: Sequence[Path], size: int = 299, 
     from PIL import Image
 
     if not Path(model_path).is_file():
-        raise FileNotFoundError(f"Inception feature extractor {model_path} does not exist")
+        raise InputMissingError(f"Inception feature extractor {model_path} does not exist")
     try:
         model = torch.jit.load(model_path, map_location="cpu").eval()
     except RuntimeError as e:

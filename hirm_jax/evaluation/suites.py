@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from hirm_jax.errors import HirmError
 from hirm_jax.evaluation.metrics import Metric
 from hirm_jax.resources import DATA_DIR
 
@@ -25,7 +26,7 @@ SUITES_DIR = DATA_DIR / "suites"
 _BUILTIN_MODULES = ("hirm_jax.evaluation.unlearncanvas", "hirm_jax.evaluation.nudity", "hirm_jax.evaluation.coco")
 
 
-class SuiteError(ValueError):
+class SuiteError(HirmError, ValueError):
     """An unknown suite, a bad suite option, or suite data that does not match its recorded sha256."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from hirm_jax.errors import InputMissingError
 from hirm_jax.evaluation import suites
 from hirm_jax.evaluation.metrics import Metric, wilson_interval
 from hirm_jax.generate import GENERATION, PromptRow
@@ -108,7 +109,7 @@ def load_classifier(path: str, n_classes: int, allow_pickle: bool, device: str =
     Linear(1024, n_classes) head, as the benchmark's evaluation code builds it."""
     import torch
     if not Path(path).is_file():
-        raise FileNotFoundError(f"classifier {path} does not exist")
+        raise InputMissingError(f"classifier {path} does not exist")
     try:
         return torch.jit.load(path, map_location=device).eval()
     except RuntimeError:

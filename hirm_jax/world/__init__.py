@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from hirm_jax.errors import HirmError
 from hirm_jax.fileio import sha256_file as sha256
 from hirm_jax.world.data import (ALL_OBJECTS, ALL_STYLES, HELDOUT_TEMPLATES, OBJECT_ANCHOR, OBJECTS,
                                  STYLE_ANCHOR, STYLES, TRAIN_TEMPLATES, caption, render_cell, sample,
@@ -44,7 +45,7 @@ WORLD_FILES = (
 REBUILD = "rebuild it with `hirm-jax world train --out DIR` and pass that folder to load_world(DIR)"
 
 
-class WorldError(RuntimeError):
+class WorldError(HirmError, RuntimeError):
     """A world folder is missing, incomplete or corrupt."""
 
 

@@ -1,0 +1,391 @@
+"""T5 encoder weights: ONE mapping table between PyTorch `T5EncoderModel` keys and the Flax tree,
+plus the transformers-folder reader and writer (numpy + safetensors; torch is never needed).
+
+    state = t5_flax_to_hf(params, config)        # {key: np.ndarray}, what transformers saves
+    params = t5_hf_to_flax(state, config)        # nested dict of np.ndarray (param_dtype)
+    encoder = load_t5_folder("flux/text_encoder_2")            # or ("flux", component="text_encoder_2")
+    save_t5_folder(encoder, "out/text_encoder_2")
+
+Keys (torch Linear weights are [out, in], Flax Dense kernels [in, out]):
+
+    shared.weight                                               [vocab, d_model]
+    encoder.block.{i}.layer.0.layer_norm.weight                 [d_model]
+    encoder.block.{i}.layer.0.SelfAttention.{q,k,v}.weight      [H*d_kv, d_model]
+    encoder.block.{i}.layer.0.SelfAttention.o.weight            [d_model, H*d_kv]
+    encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight   [num_buckets, H]
+    encoder.block.{i}.layer.1.layer_norm.weight                 [d_model]
+    encoder.block.{i}.layer.1.DenseReluDense.{wi_0,wi_1}.weight [d_ff, d_model]   (gated; else .wi.)
+    encoder.block.{i}.layer.1.DenseReluDense.wo.weight          [d_model, d_ff]
+    encoder.final_layer_norm.weight                             [d_model]
+
+`encoder.embed_tokens.weight` is the same tensor as `shared.weight` in `T5EncoderModel`
+(tied); a checkpoint may hold either or both (both must then be equal). Written folders hold
+`shared.weight` only, as `T5EncoderModel.save_pretrained` writes them. The decoder and LM head
+of a full T5 checkpoint (`decoder.*`, `lm_head.weight`) are ignored and logged, as
+`T5EncoderModel.from_pretrained` ignores them. Any other unmapped key, a missing key or a
+wrong shape raises `WeightsError` naming it.
+
+Safetensors are read by `read_safetensors` (own header parser): F32 as is, F16 and BF16 upcast
+exactly to float32 (numpy has no bfloat16, and Flux / SD3 ship T5 in bf16). Pickles
+(pytorch_model.bin) are never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+
+from hirm_jax.fileio import atomic_dir, save_safetensors
+from hirm_jax.t5 import DTYPES, T5Encoder, T5EncoderConfig
+from hirm_jax.weights import IDENTITY, Transform, WeightsError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+T5_MODEL_TYPE = "t5"
+
+
+
+def _transpose(x: np.ndarray, rows: int = 512) -> np.ndarray:
+    """x.T as a contiguous copy, a band of rows at a time: 2-3x faster than np.ascontiguousarray(x.T)
+    on T5-XXL's [10240, 4096] matrices (the band stays in cache). Exact: it only moves values."""
+    if x.ndim != 2:
+        return np.ascontiguousarray(x.T)
+    out = np.empty(x.shape[::-1], x.dtype)
+    for start in range(0, x.shape[0], rows):
+        out[:, start:start + rows] = x[start:start + rows].T
+    return out
+
+
+# torch Linear stores [out, in]; Flax Dense kernels are [in, out].
+TRANSPOSE = Transform("transpose", _transpose, _transpose)
+
+# Which feed-forward variant a row belongs to.
+ALWAYS, GATED, PLAIN = "always", "gated", "plain"
+
+_ATTN = "encoder.block.{i}.layer.0.SelfAttention"
+_FATTN = "encoder/block/{i}/layer/0/SelfAttention"
+_FF = "encoder.block.{i}.layer.1.DenseReluDense"
+_FFF = "encoder/block/{i}/layer/1/DenseReluDense"
+
+# (Hugging Face key, Flax path, transform, variant). "{i}" is a block index.
+T5_MAPPING_TABLE: tuple[tuple[str, str, Transform, str], ...] = (
+    ("shared.weight", "shared/embedding", IDENTITY, ALWAYS),
+    *((f"{_ATTN}.{p}.weight", f"{_FATTN}/{p}/kernel", TRANSPOSE, ALWAYS) for p in ("q", "k", "v", "o")),
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+     "encoder/block/0/layer/0/SelfAttention/relative_attention_bias/embedding", IDENTITY, ALWAYS),
+    ("encoder.block.{i}.layer.0.layer_norm.weight", "encoder/block/{i}/layer/0/layer_norm/scale", IDENTITY, ALWAYS),
+    (f"{_FF}.wi_0.weight", f"{_FFF}/wi_0/kernel", TRANSPOSE, GATED),
+    (f"{_FF}.wi_1.weight", f"{_FFF}/wi_1/kernel", TRANSPOSE, GATED),
+    (f"{_FF}.wi.weight", f"{_FFF}/wi/kernel", TRANSPOSE, PLAIN),
+    (f"{_FF}.wo.weight", f"{_FFF}/wo/kernel", TRANSPOSE, ALWAYS),
+    ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder/block/{i}/layer/1/layer_norm/scale", IDENTITY, ALWAYS),
+    ("encoder.final_layer_norm.weight", "encoder/final_layer_norm/scale", IDENTITY, ALWAYS),
+)
+
+# Tied aliases: (alias, canonical key). T5EncoderModel's encoder.embed_tokens IS shared.
+TIED_KEYS = (("encoder.embed_tokens.weight", "shared.weight"),)
+# Parts of a full T5 (T5Model / T5ForConditionalGeneration) that the encoder does not use.
+IGNORED_PREFIXES = ("decoder.", "lm_head.")
+
+
+def expand_t5_table(config: T5EncoderConfig) -> Iterator[tuple[str, tuple[str, ...], Transform]]:
+    """The concrete (hf_key, flax_path, transform) rows for one architecture."""
+    variant = GATED if config.is_gated_act else PLAIN
+    for hf_key, flax_path, transform, applies in T5_MAPPING_TABLE:
+        if applies not in (ALWAYS, variant):
+            continue
+        for i in (range(config.num_layers) if "{i}" in hf_key else [None]):
+            yield hf_key.format(i=i), tuple(flax_path.format(i=i).split("/")), transform
+
+
+def _describe(config: T5EncoderConfig) -> str:
+    return (f"a T5 encoder with {config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads "
+            f"of {config.d_kv}, d_ff {config.d_ff} ({config.feed_forward_proj}), vocab {config.vocab_size}")
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "[]"
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "[" + ", ".join(keys[:limit]) + "]" + more
+
+
+def _flat_paths(tree) -> dict[tuple[str, ...], object]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def canonical_t5_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fold the tied `encoder.embed_tokens.weight` onto `shared.weight` and drop decoder / LM-head keys.
+
+    Both spellings may be present only with equal values (they are one tensor in PyTorch)."""
+    out = dict(state)
+    for alias, key in TIED_KEYS:
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if key in out:
+            if np.shape(out[key]) != np.shape(value) or not np.array_equal(out[key], value):
+                raise WeightsError(f"checkpoint holds both {key!r} and {alias!r}, which T5EncoderModel ties into "
+                                   f"one tensor, but with different values (shapes {tuple(np.shape(out[key]))} "
+                                   f"and {tuple(np.shape(value))})")
+        else:
+            out[key] = value
+    ignored = sorted(k for k in out if k.startswith(IGNORED_PREFIXES))
+    if ignored:
+        log.info("ignoring %d decoder / LM-head tensors of a full T5 checkpoint (%s ...): the encoder does "
+                 "not use them", len(ignored), ignored[0])
+        for k in ignored:
+            del out[k]
+    return out
+
+
+def t5_hf_to_flax(state: Mapping[str, np.ndarray], config: T5EncoderConfig) -> dict:
+    """PyTorch `T5EncoderModel` state dict -> Flax params (numpy, `param_dtype`).
+
+    Raises WeightsError on a missing, unexpected or wrongly shaped key."""
+    state = canonical_t5_state(state)
+    rows = list(expand_t5_table(config))
+    expected = {hf_key for hf_key, _, _ in rows}
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise WeightsError(f"checkpoint keys do not match {_describe(config)}: "
+                           f"missing {_short(missing)}, unexpected {_short(unexpected)}")
+    shapes = _flat_paths(T5Encoder(config, None).param_shapes())
+    param_dtype = DTYPES[config.param_dtype]
+    params: dict = {}
+    for hf_key, path, transform in rows:
+        value = np.asarray(state[hf_key])
+        want = tuple(shapes[path].shape)
+        want_hf = want if transform is IDENTITY else want[::-1]
+        if value.shape != want_hf:
+            raise WeightsError(f"{hf_key} must have shape {want_hf} for {_describe(config)} "
+                               f"but has {value.shape}")
+        # fp16/bf16 checkpoints arrive upcast exactly; float32 ones pass through bit for bit.
+        _set(params, path, transform.to_flax(value).astype(param_dtype, copy=False))
+    assert len(_flat_paths(params)) == len(shapes), "T5 mapping table does not cover the model"
+    return params
+
+
+def check_t5_params(params, config: T5EncoderConfig) -> None:
+    """Raise WeightsError unless `params` has exactly the leaves and shapes `config` expects."""
+    flat = _flat_paths(params)
+    shapes = _flat_paths(T5Encoder(config, None).param_shapes())
+    missing = sorted("/".join(p) for p in set(shapes) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
+    if missing or extra:
+        raise WeightsError(f"Flax params do not match {_describe(config)}: "
+                           f"missing {_short(missing)}, unexpected {_short(extra)}")
+    wrong = sorted(f"{'/'.join(p)} {tuple(np.shape(flat[p]))} (expected {tuple(shapes[p].shape)})"
+                   for p in shapes if tuple(np.shape(flat[p])) != tuple(shapes[p].shape))
+    if wrong:
+        raise WeightsError(f"Flax params have the wrong shapes for {_describe(config)}: {_short(wrong)}")
+
+
+def t5_flax_to_hf(params, config: T5EncoderConfig) -> dict[str, np.ndarray]:
+    """Flax params -> PyTorch `T5EncoderModel` state dict as save_pretrained writes it (numpy, contiguous)."""
+    check_t5_params(params, config)
+    flat = _flat_paths(params)
+    return {hf_key: transform.to_hf(np.asarray(flat[path])) for hf_key, path, transform in expand_t5_table(config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors (with bf16).
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    numpy: str                                       # numpy dtype of the stored bytes
+    decode: Callable[[np.ndarray], np.ndarray]       # -> the array handed out
+
+
+_SAFETENSORS_READ = {
+    "F64": _Stored("<f8", np.array), "F32": _Stored("<f4", np.array),
+    "F16": _Stored("<f2", lambda x: x.astype(np.float32)),       # exact
+    "BF16": _Stored("<u2", _bf16_to_f32),                         # exact: bf16 is float32's top half
+    "I64": _Stored("<i8", np.array), "I32": _Stored("<i4", np.array), "I16": _Stored("<i2", np.array),
+    "I8": _Stored("i1", np.array), "U8": _Stored("u1", np.array), "BOOL": _Stored("?", np.array),
+}
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file whose names pass `keep`, F16/BF16 upcast exactly to float32.
+
+    Parses the header itself (8-byte little-endian length, then JSON) and reads tensor by tensor;
+    a truncated or corrupt file raises WeightsError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            length = int.from_bytes(f.read(8), "little")
+            if length > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {length} exceeds the file ({size} bytes)")
+            header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            data_start = 8 + length
+            out: dict[str, np.ndarray] = {}
+            for name, info in header.items():
+                if name == "__metadata__" or not keep(name):
+                    continue
+                stored = _SAFETENSORS_READ.get(info.get("dtype"))
+                if stored is None:
+                    raise ValueError(f"tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+                count = int(np.prod(shape, dtype=np.int64))
+                if not 0 <= begin <= end <= size - data_start or end - begin != count * np.dtype(stored.numpy).itemsize:
+                    raise ValueError(f"tensor {name!r} has data offsets {[begin, end]} that do not fit its "
+                                     f"shape {list(shape)} or the file")
+                f.seek(data_start + begin)
+                raw = np.frombuffer(f.read(end - begin), dtype=stored.numpy, count=count).reshape(shape)
+                value = stored.decode(raw)  # a fresh, writable array
+                out[name] = value.astype(value.dtype.newbyteorder("="), copy=False)
+            return out
+    except OSError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
+
+
+def _read_sharded(folder: Path) -> dict[str, np.ndarray]:
+    index_path = folder / WEIGHTS_INDEX_NAME
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightsError(f"{index_path} must be JSON with a 'weight_map' but is not: {e}") from e
+    state: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = folder / shard
+        if Path(shard).name != shard or not shard_path.is_file():
+            raise WeightsError(f"{index_path} lists shard {shard!r}, which is not a file in {folder}")
+        listed = {k for k, v in weight_map.items() if v == shard}
+        tensors = read_safetensors(shard_path)
+        if set(tensors) != listed:
+            raise WeightsError(f"shard {shard} does not hold what {WEIGHTS_INDEX_NAME} lists: missing "
+                               f"{_short(sorted(listed - set(tensors)))}, unlisted {_short(sorted(set(tensors) - listed))}")
+        state.update(tensors)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders.
+
+def is_t5_config(hf_config: Mapping) -> bool:
+    """Whether a config.json describes a T5 (encoder): model_type "t5" or a T5 architecture."""
+    architectures = hf_config.get("architectures") or []
+    return hf_config.get("model_type") == T5_MODEL_TYPE or any(str(a).startswith("T5") for a in architectures)
+
+
+def _read_t5_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{folder} is not a transformers T5 folder: it has no config.json; found "
+                           f"{sorted(p.name for p in folder.iterdir())[:12]}")
+    try:
+        hf_config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(hf_config, dict) or not is_t5_config(hf_config):
+        model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+        raise WeightsError(f"{path} must describe a T5 encoder (model_type 't5', architectures "
+                           f"['T5EncoderModel']) but has model_type {model_type!r}")
+    return hf_config
+
+
+def _t5_components(pipeline: Path) -> list[str]:
+    found = []
+    for sub in sorted(p for p in pipeline.iterdir() if p.is_dir() and p.name.startswith("text_encoder")):
+        try:
+            if is_t5_config(json.loads((sub / "config.json").read_text())):
+                found.append(sub.name)
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+    return found
+
+
+def resolve_t5_folder(source: str | os.PathLike, component: Optional[str] = None) -> Path:
+    """The transformers folder of a T5 encoder: `source` itself, or a component of a diffusers
+    pipeline (model_index.json): `component`, or the only text_encoder* whose config is T5."""
+    source = Path(source)
+    if not source.is_dir():
+        raise WeightsError(f"{source} is not a folder (a T5 encoder is read from a transformers folder "
+                           "or a diffusers pipeline)")
+    if not (source / "model_index.json").is_file():
+        if component is not None:
+            raise WeightsError(f"{source} is not a diffusers pipeline (no model_index.json); component must be "
+                               f"None but is {component!r}")
+        return source
+    candidates = _t5_components(source)
+    if component is None:
+        if len(candidates) != 1:
+            raise WeightsError(f"{source} is a diffusers pipeline with T5 components {candidates}: pass "
+                               "component= (text_encoder_2 for Flux, text_encoder_3 for SD3)")
+        component = candidates[0]
+    if Path(component).name != component or not (source / component / "config.json").is_file():
+        raise WeightsError(f"diffusers pipeline {source} has no component {component!r} with a config.json; "
+                           f"T5 components there: {candidates}")
+    return source / component
+
+
+def load_t5_folder(source: str | os.PathLike, component: Optional[str] = None, *,
+                   dtype: Optional[str] = None) -> T5Encoder:
+    """A T5 encoder from a transformers folder (config.json + model.safetensors, or the shards of
+    model.safetensors.index.json) or a diffusers pipeline component (Flux `text_encoder_2`, SD3
+    `text_encoder_3`; pass the pipeline with `component`, or the subfolder itself).
+
+    Parameters are float32 (fp16/bf16 storage upcast exactly); `dtype` sets the compute dtype."""
+    folder = resolve_t5_folder(source, component)
+    config = T5EncoderConfig.from_hf_dict(_read_t5_config(folder))
+    if (folder / WEIGHTS_NAME).is_file():
+        state = read_safetensors(folder / WEIGHTS_NAME)
+    elif (folder / WEIGHTS_INDEX_NAME).is_file():
+        state = _read_sharded(folder)
+    else:
+        raise WeightsError(f"{folder} has config.json but neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} "
+                           f"(pickles are not read); found {sorted(p.name for p in folder.iterdir())}")
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    return T5Encoder(config, t5_hf_to_flax(state, config))
+
+
+def _version() -> str:
+    import hirm_jax  # at call time: this module may be imported while the package initialises
+    return hirm_jax.__version__
+
+
+def save_t5_folder(encoder: T5Encoder, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                   inputs: Optional[Mapping[str, Optional[str | os.PathLike]]] = None, params=None) -> Path:
+    """Write a transformers folder: config.json + model.safetensors (float32, `shared.weight`,
+    byte-deterministic), atomically. `T5EncoderModel.from_pretrained` loads it with no missing or
+    unexpected keys; it can replace a Flux `text_encoder_2` / SD3 `text_encoder_3` folder."""
+    params = encoder.params if params is None else params
+    state = {k: np.asarray(v, dtype=np.float32) for k, v in t5_flax_to_hf(params, encoder.config).items()}
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
+        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "hirm_jax_version": _version()})
+        (tmp / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
