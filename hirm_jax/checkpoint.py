@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -42,6 +43,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.manager = None
         _quiet_refused_writes(self.directory)
+        _quiet_closed_loop_callbacks()
         with self._refused_writes():
             self.manager = ocp.CheckpointManager(
                 self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -94,8 +96,10 @@ class Checkpointer:
             self.manager = None
 
     def _abandon(self) -> None:
-        """After a refused save: drop the manager (its pending work failed) and orbax's partial folders."""
-        _quiet_closed_loop_callbacks()
+        """After a refused save: drop the manager (its pending work failed) and orbax's partial folders
+        (and, at exit, Python's warning about the write coroutines that will never run)."""
+        if not debug_enabled():
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         manager, self.manager = self.manager, None
         if manager is not None:
             with contextlib.suppress(Exception):
@@ -168,13 +172,10 @@ class _RefusedWriteNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if debug_enabled():
             return True
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += f" {record.exc_info[1]}"
-            refused = _refused_write(record.exc_info[1])
-        else:
-            refused = _tagged_os_error(text)
-        return not (refused is not None and exit_code_for(refused) == EXIT_ENVIRONMENT and self.directory in text)
+        error = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() + (f" {error}" if error is not None else "")
+        refused = _refused_write(error if error is not None else RuntimeError(text))
+        return refused is None or self.directory not in text
 
 
 _QUIETED: set[str] = set()
@@ -191,8 +192,9 @@ def _quiet_refused_writes(directory: Path) -> None:
 
 
 def _quiet_closed_loop_callbacks() -> None:
-    """After a refused save, tensorstore's callbacks for the writes still in flight find orbax's
-    event loop closed and report RuntimeError('Event loop is closed') as unraisable: drop those."""
+    """When a save fails, tensorstore's callbacks for the writes still in flight find orbax's
+    event loop closed and report RuntimeError('Event loop is closed') as unraisable, dozens of
+    times, before the failure reaches us: drop those (the failure itself is raised)."""
     previous = sys.unraisablehook
     if debug_enabled() or getattr(previous, "_hirm_quiet", False):
         return

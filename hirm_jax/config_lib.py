@@ -26,6 +26,9 @@ RANDOM_DISTRIBUTIONS = ("uniform", "gaussian")
 FIXED_HOOKS = ("last_mlp_out", "last_block_out", "final_ln", "penultimate", "text_embeds")
 INDEXED_HOOKS = ("mlp_out", "block_out")  # "mlp_out:N", "block_out:N" for block N
 TOKEN_POSITIONS = ("all_but_bos", "all", "non_padding_but_bos")
+# The modules of a block, named as CLIP's; for T5 (hirm_jax.architectures): self_attn = q/k/v/o
+# (never the relative attention bias every block shares), mlp = DenseReluDense, layer_norm1/2 =
+# the RMS norms before the attention / the feed-forward.
 TRAINABLE_MODULES = ("self_attn", "mlp", "layer_norm1", "layer_norm2")
 
 # HIRM.md's defaults, by (concept type, objective): learning rate and epochs.
@@ -60,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.encoder.use_attention_mask = False  # SD 1.x/2.x/SDXL call the encoder without one
     c.encoder.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
     c.encoder.allow_pickle = False  # read .ckpt/.pt/.bin weights (unpickling can run code)
+    # Tokens per prompt (prompts are padded to it; a longer prompt is an error, never cut).
+    # 0: CLIP's max_position_embeddings (77). T5 (Flux text_encoder_2, SD3 text_encoder_3) has
+    # no position limit and needs it set to the pipeline's max_sequence_length: 512 for
+    # FLUX.1-dev, 256 for FLUX.1-schnell and SD3 (see hirm_jax.architectures).
+    c.encoder.max_length = 0
 
     # What to erase.
     c.concepts = ()  # e.g. ("Van Gogh",); or concepts_file (not both)
@@ -192,6 +200,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"objective.random_distribution must be one of {list(RANDOM_DISTRIBUTIONS)} but is {c.objective.random_distribution!r}")
     _require(c.objective.token_positions in TOKEN_POSITIONS,
              f"objective.token_positions must be one of {list(TOKEN_POSITIONS)} but is {c.objective.token_positions!r}")
+    _require(isinstance(c.encoder.max_length, int) and c.encoder.max_length >= 0,
+             f"encoder.max_length must be >= 0 (0 = the encoder's default) but is {c.encoder.max_length}")
     _require(len(c.objective.hooks) > 0, "objective.hooks must name at least one hook point")
     for hook in c.objective.hooks:
         parse_hook(hook)

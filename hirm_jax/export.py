@@ -39,18 +39,18 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 from safetensors.numpy import load_file
 
-from hirm_jax.errors import HirmError
 import hirm_jax
 from hirm_jax import hub, provenance
 from hirm_jax.delta import (APPLIED_RECORD, DELTA_CONFIG, DELTA_FORMAT, DELTA_FORMAT_VERSION, DELTA_WEIGHTS,
                             DeltaError, FingerprintError, apply_delta, apply_delta_to_pipeline,
                             base_fingerprints, check_delta, fingerprint, load_delta, resolve_base,
                             write_patched_copy)
+from hirm_jax.errors import HirmError
 from hirm_jax.fileio import atomic_dir, check_output_location, save_safetensors, sha256_file
 from hirm_jax.layouts import load_text_encoder, save_text_encoder
 from hirm_jax.masking import flatten, unflatten
-from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.weights import expand_table
+from hirm_jax.model import TextEncoder
+from hirm_jax.architectures import architecture_of
 
 RUN_FILE = "run.json"
 TRAINED_FILE = "erased_trainable.safetensors"
@@ -114,7 +114,7 @@ def load_run(workdir: str | os.PathLike, base: Optional[TextEncoder] = None) -> 
         base_path = _base_location(run["base"], run_path).path
         base = load_text_encoder(base_path, component)
     recorded = run.get("encoder_config") or {}
-    mismatched = {k: (recorded[k], getattr(base.config, k)) for k in TextEncoderConfig.HF_FIELDS
+    mismatched = {k: (recorded[k], getattr(base.config, k)) for k in architecture_of(base).config_fields
                   if k in recorded and recorded[k] != getattr(base.config, k)}
     if mismatched:
         raise RunError(f"the base {source!r} (component {component!r}) is not the encoder this run trained: "
@@ -177,11 +177,14 @@ def _inputs(workdir: str | os.PathLike, loaded: Run, **more: Optional[str | os.P
 
 
 def changed_tensors(loaded: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{canonical HF key: (base, erased)} (float32, HF orientation) for trained tensors that changed."""
+    """{canonical HF key: (base, erased)} (float32, HF orientation) for trained tensors that changed.
+
+    The keys come from the base encoder's own mapping table (CLIP: `hirm_jax.weights`, T5:
+    `hirm_jax.t5_weights`, e.g. encoder.block.0.layer.1.DenseReluDense.wo.weight)."""
     flat_base, flat_erased = flatten(loaded.base.params), flatten(loaded.erased_params)
     trained = set(loaded.run["trainable_paths"])
     changed = {}
-    for hf_key, path, transform in expand_table(loaded.base.config):
+    for hf_key, path, transform in architecture_of(loaded.base).expand_table(loaded.base.config):
         joined = "/".join(path)
         if joined not in trained:
             continue

@@ -243,7 +243,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "workdir") -> Iterator[No
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / LOCK_FILE, "a+")
     except OSError as e:
-        raise _as_write_error(e, folder) from e
+        raise (describe_write_failure(e, folder, what) if exit_code_for(e) == 3 else e) from e
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

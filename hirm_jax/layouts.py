@@ -9,7 +9,8 @@
 
 - a transformers folder: config.json + model.safetensors, or shards listed in
   model.safetensors.index.json (`CLIPTextModel` or `CLIPTextModelWithProjection`; flat
-  `encoder.layers.*` or `text_model.*` names);
+  `encoder.layers.*` or `text_model.*` names), or a `T5EncoderModel` folder (config.json says
+  T5: Flux `text_encoder_2`, SD3 `text_encoder_3`), which loads as a `hirm_jax.t5.T5Encoder`;
 - a diffusers pipeline folder (model_index.json) plus `component` (text_encoder, text_encoder_2);
 - a single-file Stable Diffusion checkpoint (.safetensors) plus `component` where it holds two
   encoders; see SINGLE_FILE_ENCODERS. Each encoder is detected on its own, so a file holding
@@ -102,11 +103,18 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise WeightsError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
 
 
+class PickleRefusedError(WeightsError):
+    """A pickled checkpoint read without opting in; `path` is the file, `switch` names the opt-in."""
+
+    def __init__(self, path: Path, switch: str = "allow_pickle=True (--allow-pickle)"):
+        self.path = path
+        super().__init__(f"{path} is a pickle ({path.suffix}); unpickling can run arbitrary code, so it is "
+                         f"refused. Convert it to .safetensors, or pass {switch} if you trust it")
+
+
 def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     if not allow_pickle:
-        raise WeightsError(
-            f"{path} is a pickle ({path.suffix}); unpickling can run arbitrary code, so it is refused. "
-            "Convert it to .safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it")
+        raise PickleRefusedError(path)
     try:
         import torch
     except ImportError as e:
@@ -174,27 +182,53 @@ def _read_hf_config(folder: Path) -> dict:
     return hf_config
 
 
-def load_transformers_folder(folder: Path, allow_pickle: bool = False) -> TextEncoder:
-    """config.json + model.safetensors (or its shards, or pytorch_model.bin with allow_pickle)."""
-    hf_config = _read_hf_config(folder)
+def weight_files(folder: Path) -> list[Path]:
+    """The files a transformers folder's weights are read from, in order of preference:
+    model.safetensors, else model.safetensors.index.json and its shards, else pytorch_model.bin."""
     if (folder / WEIGHTS_NAME).is_file():
-        state = _read_safetensors(folder / WEIGHTS_NAME)
-    elif (folder / WEIGHTS_INDEX_NAME).is_file():
-        state = _read_sharded(folder)
-    elif (folder / PICKLE_WEIGHTS_NAME).is_file():
-        state = _read_pickle(folder / PICKLE_WEIGHTS_NAME, allow_pickle)
-    else:
-        raise WeightsError(f"{folder} has config.json but no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or "
-                           f"{PICKLE_WEIGHTS_NAME}; found {sorted(p.name for p in folder.iterdir())}")
-    return _encoder_from_hf_state(state, hf_config, source=str(folder))
+        return [folder / WEIGHTS_NAME]
+    if (folder / WEIGHTS_INDEX_NAME).is_file():
+        return [folder / WEIGHTS_INDEX_NAME, *(folder / shard for shard in sorted(set(_weight_map(folder).values())))]
+    if (folder / PICKLE_WEIGHTS_NAME).is_file():
+        return [folder / PICKLE_WEIGHTS_NAME]
+    raise WeightsError(f"{folder} has config.json but no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or "
+                       f"{PICKLE_WEIGHTS_NAME}; found {sorted(p.name for p in folder.iterdir())}")
+
+
+def read_weight_files(folder: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The state dict of a transformers folder (see `weight_files`; a pickle only with allow_pickle)."""
+    first = weight_files(folder)[0]
+    if first.name == WEIGHTS_NAME:
+        return _read_safetensors(first)
+    if first.name == WEIGHTS_INDEX_NAME:
+        return _read_sharded(folder)
+    return _read_pickle(first, allow_pickle)
+
+
+def load_transformers_folder(folder: Path, allow_pickle: bool = False):
+    """config.json + weights (see `read_weight_files`): a CLIP text encoder, or a T5 encoder when
+    config.json says T5 (`hirm_jax.t5_weights`)."""
+    from hirm_jax import t5_weights  # noqa: PLC0415  (it reads its files through this module)
+    if t5_weights.is_t5_config(_read_json(folder / "config.json")):
+        return t5_weights.load_t5_folder(folder, allow_pickle=allow_pickle)
+    hf_config = _read_hf_config(folder)
+    return _encoder_from_hf_state(read_weight_files(folder, allow_pickle), hf_config, source=str(folder))
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    index_path = folder / WEIGHTS_INDEX_NAME
+    try:
+        weight_map = _read_json(index_path)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        return weight_map
+    except (KeyError, TypeError) as e:
+        raise WeightsError(f"{index_path} must be JSON with a 'weight_map' object but is not: {e}") from e
 
 
 def _read_sharded(folder: Path) -> dict[str, np.ndarray]:
     index_path = folder / WEIGHTS_INDEX_NAME
-    try:
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WeightsError(f"{index_path} must be JSON with a 'weight_map' but is not: {e}") from e
+    weight_map = _weight_map(folder)
     state: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         if not (folder / shard).is_file():
@@ -349,7 +383,7 @@ def load_text_encoder(source: str | os.PathLike, component: Optional[str] = None
     else:
         encoder = load_single_file(source, component, allow_pickle)
     if dtype is not None:
-        encoder = TextEncoder(encoder.config.replace(dtype=dtype), encoder.params)
+        encoder = type(encoder)(encoder.config.replace(dtype=dtype), encoder.params)
     return encoder
 
 
@@ -369,6 +403,9 @@ def save_text_encoder(encoder: TextEncoder, out_dir: str | os.PathLike, params=N
     load it with no missing or unexpected keys; it can replace a diffusers pipeline's
     text_encoder / text_encoder_2 folder.
     """
+    from hirm_jax import t5_weights  # noqa: PLC0415
+    if isinstance(encoder, t5_weights.T5Encoder):
+        return t5_weights.save_t5_folder(encoder, out_dir, overwrite=overwrite, inputs=inputs, params=params)
     params = encoder.params if params is None else params
     state = flax_to_hf(params, encoder.config)
     state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}

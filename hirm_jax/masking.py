@@ -27,19 +27,26 @@ def unflatten(flat: dict) -> dict:
 
 
 def trainable_paths(params, blocks: Sequence[int] = (0,), modules: Sequence[str] = (),
-                    regex: str = "") -> list[str]:
-    """Paths of the leaves that train: `regex` if given, else `modules` of `blocks`."""
+                    regex: str = "", architecture=None) -> list[str]:
+    """Paths of the leaves that train: `regex` if given, else `modules` of `blocks`.
+
+    `architecture` (`hirm_jax.architectures.Architecture`, default CLIP) says where the blocks
+    are and which leaves a module name means; for T5 no module includes the relative
+    attention bias block 0 holds for every block (see hirm_jax.architectures)."""
+    if architecture is None:
+        from hirm_jax.architectures import architecture as by_name  # noqa: PLC0415
+        architecture = by_name("clip")
     paths = list(flatten(params))
     if regex:
         pattern = re.compile(regex)
         chosen = [p for p in paths if pattern.fullmatch(p)]
         rule = f"train.trainable_regex {regex!r}"
     else:
-        num_layers = len(params["encoder"]["layers"])
+        num_layers = architecture.num_blocks(params)
         bad = [b for b in blocks if not -num_layers <= b < num_layers]
         if bad:
             raise ConfigError(f"train.trainable_blocks must index the {num_layers} blocks but has {bad}")
-        prefixes = tuple(f"encoder/layers/{b % num_layers}/{m}/" for b in blocks for m in modules)
+        prefixes = tuple(p for b in blocks for p in architecture.module_prefixes(b % num_layers, modules))
         chosen = [p for p in paths if p.startswith(prefixes)]
         rule = f"train.trainable_blocks {tuple(blocks)} and train.trainable_modules {tuple(modules)}"
     if not chosen:

@@ -37,16 +37,20 @@ def read_hook(outputs: dict, hook: str) -> jax.Array:
     return outputs["hidden_states"][index + 1]  # block_out:N, the output of block N
 
 
-def position_weights(input_ids: jax.Array, attention_mask: jax.Array, rule: str, hook: str) -> jax.Array:
+def position_weights(input_ids: jax.Array, attention_mask: jax.Array, rule: str, hook: str,
+                     has_bos: bool = True) -> jax.Array:
     """[B, T] float weights of the token positions the loss covers.
 
     all_but_bos: every position but 0 (BOS is identical for every prompt; moving it would
     change every image), including EOS and the padding SD 1.x's UNet attends to.
+    An encoder without BOS (T5, has_bos=False) has nothing to skip: all_but_bos covers every
+    position (its </s> and the padding Flux's transformer attends to), non_padding_but_bos
+    every non-padding one (the prompt's tokens and its </s>).
     """
     if parse_hook(hook)[0] == "text_embeds":
         return jnp.ones((input_ids.shape[0], 1), jnp.float32)
     weights = jnp.ones(input_ids.shape, jnp.float32)
-    if rule in ("all_but_bos", "non_padding_but_bos"):
+    if rule in ("all_but_bos", "non_padding_but_bos") and has_bos:
         weights = weights.at[:, 0].set(0.0)
     if rule == "non_padding_but_bos":
         weights = weights * attention_mask.astype(jnp.float32)

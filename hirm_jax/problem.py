@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from hirm_jax import config_lib, objectives, prompts
+from hirm_jax.architectures import architecture_of
 from hirm_jax.model import TextEncoder
 from hirm_jax.tokenizer import encode_prompts
 
@@ -51,7 +52,7 @@ def make_encode_fn(encoder: TextEncoder, hooks, use_attention_mask: bool) -> Cal
 
 @functools.lru_cache(maxsize=8)
 def _encode_fn(config, hooks: tuple, use_attention_mask: bool) -> Callable:
-    encoder = TextEncoder(config, None)
+    encoder = architecture_of(config).encoder_class(config, None)
 
     def encode(params, ids, mask):
         out = encoder.apply(params, ids, mask if use_attention_mask else None)
@@ -118,9 +119,14 @@ def concept_vector(config, tok: Callable, encode_fn, params) -> dict[str, np.nda
 
 
 def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
+    """The jobs of `config` for `encoder` (a CLIP TextEncoder or a T5Encoder: its architecture
+    sets the prompt length, encoder.max_length or CLIP's 77, and whether position 0 is BOS)."""
     obj = config.objective
     hooks = tuple(obj.hooks)
-    max_length, vocab_size = encoder.config.max_position_embeddings, encoder.config.vocab_size
+    arch = architecture_of(encoder)
+    max_length, vocab_size = arch.max_length(encoder.config, config.encoder.get("max_length", 0)), encoder.config.vocab_size
+    weights_of = lambda ids, mask, hook: objectives.position_weights(ids, mask, obj.token_positions, hook,
+                                                                      has_bos=arch.has_bos)
     tok = lambda texts: tokenize(tokenizer, texts, max_length, vocab_size)
     encode_fn = make_encode_fn(encoder, hooks, config.encoder.use_attention_mask)
     groups = [list(concepts)] if config.joint else [[c] for c in concepts]
@@ -149,7 +155,7 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
     per_job = dict(
         input_ids=by_job(ids), attention_mask=by_job(mask),
         targets={h: by_job(targets[h].astype(np.float32) * obj.scale) for h in hooks},
-        weights={h: by_job(objectives.position_weights(ids, mask, obj.token_positions, h)) for h in hooks},
+        weights={h: by_job(weights_of(ids, mask, h)) for h in hooks},
     )
     shared = {}
     if config.preservation.weight > 0:
@@ -159,6 +165,5 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
         r_ids, r_mask = tok(retain)
         shared = dict(retain_ids=r_ids, retain_mask=r_mask,
                       retain_targets=encode_in_chunks(encode_fn, encoder.params, r_ids, r_mask),
-                      retain_weights={h: np.asarray(objectives.position_weights(r_ids, r_mask, obj.token_positions, h))
-                                      for h in hooks})
+                      retain_weights={h: np.asarray(weights_of(r_ids, r_mask, h)) for h in hooks})
     return Jobs(groups, pairs_per_job, per_job, shared)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hirm_jax.config_lib import CONCEPT_TYPES, ConfigError, name_key
+from hirm_jax.tokenizer import TOKENIZER_FILES, load_clip_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +101,13 @@ def _check_concepts(numbered: list[tuple[int, Concept]], where: str) -> list[Con
 
 def check_prompt_lengths(concepts: Sequence[Concept], templates: Sequence[str], tokenizer, max_length: int) -> None:
     """Every prompt (and anchor prompt) fits in max_length tokens, or an error names the concept's line."""
-    from hirm_jax.tokenizer import PromptTooLongError
+    from hirm_jax.tokenizer import PromptTooLongError, special_tokens_note
     for c in concepts:
         for text in [t.format(c.name) for t in templates] + ([t.format(c.anchor) for t in templates] if c.anchor else []):
             n = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
             if n > max_length:
                 raise PromptTooLongError(
-                    f"{c.where}: prompt must fit in {max_length} tokens (with <|startoftext|> and <|endoftext|>) "
+                    f"{c.where}: prompt must fit in {max_length} tokens ({special_tokens_note(tokenizer)}) "
                     f"but has {n}: {text[:80]!r}{'...' if len(text) > 80 else ''}")
 
 
@@ -119,33 +120,32 @@ def build_prompt_pairs(concepts: Sequence[Concept], templates: Sequence[str]) ->
 
 
 # transformers 5 saves only tokenizer.json; older savers write vocab.json + merges.txt.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 def tokenizer_folder(encoder_path: str | Path, component: Optional[str], tokenizer_path: Optional[str]) -> Path:
-    """Where an encoder's tokenizer lives: explicit path; a pipeline's tokenizer(_2) folder
-    beside the component; or the encoder folder itself."""
+    """Where an encoder's tokenizer lives: explicit path; a pipeline's tokenizer(_N) folder
+    beside the component text_encoder(_N) (Flux's T5 text_encoder_2 -> tokenizer_2, SD3's
+    text_encoder_3 -> tokenizer_3); or the encoder folder itself."""
     if tokenizer_path:
         return Path(tokenizer_path)
     encoder_path = Path(encoder_path)
     if encoder_path.is_dir() and component:
-        return encoder_path / ("tokenizer_2" if component == "text_encoder_2" else "tokenizer")
-    if encoder_path.is_dir() and any((encoder_path / f).is_file() for f in TOKENIZER_FILES):
+        suffix = component.removeprefix("text_encoder")
+        return encoder_path / (f"tokenizer{suffix}" if suffix in ("_2", "_3") else "tokenizer")
+    if encoder_path.is_dir() and any((encoder_path / f).is_file() for f in (*TOKENIZER_FILES, "spiece.model")):
         return encoder_path
     raise ConfigError(
         f"cannot find a tokenizer for {encoder_path}: set encoder.tokenizer to a folder with "
         "tokenizer.json or vocab.json + merges.txt (a single-file checkpoint carries none)")
 
 
-def load_tokenizer(encoder_path: str | Path, component: Optional[str] = None, tokenizer_path: Optional[str] = None):
-    """The encoder's own CLIP tokenizer, through transformers. `encoder_path` may be a hub id
+def load_tokenizer(encoder_path: str | Path, component: Optional[str] = None, tokenizer_path: Optional[str] = None,
+                   architecture=None):
+    """The encoder's own tokenizer, through transformers: CLIP's, or T5's when `architecture`
+    (`hirm_jax.architectures.Architecture`) says so. `encoder_path` may be a hub id
     (`org/name[@revision]`, resolved through the hub cache as `hirm_jax.hub.resolve` does)."""
-    from transformers import CLIPTokenizer
-
     from hirm_jax import hub
     if not tokenizer_path:
         encoder_path = hub.resolve(encoder_path, component=component, what="encoder.path").path
-    folder = tokenizer_folder(encoder_path, component, tokenizer_path)
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise ConfigError(f"tokenizer folder {folder} has none of {list(TOKENIZER_FILES)}")
-    return CLIPTokenizer.from_pretrained(str(folder))
+    load = load_clip_tokenizer if architecture is None else architecture.load_tokenizer
+    return load(tokenizer_folder(encoder_path, component, tokenizer_path))

@@ -25,31 +25,30 @@ of a full T5 checkpoint (`decoder.*`, `lm_head.weight`) are ignored and logged, 
 `T5EncoderModel.from_pretrained` ignores them. Any other unmapped key, a missing key or a
 wrong shape raises `WeightsError` naming it.
 
-Safetensors are read by `read_safetensors` (own header parser): F32 as is, F16 and BF16 upcast
-exactly to float32 (numpy has no bfloat16, and Flux / SD3 ship T5 in bf16). Pickles
-(pytorch_model.bin) are never read.
+Weight files are read by `hirm_jax.layouts.read_weight_files` (the one safetensors reader: a
+single file or the shards of an index; F16 and BF16, as Flux and SD3 ship T5, are upcast
+exactly to float32 by the mapping). A pickle (pytorch_model.bin) is refused unless allow_pickle=True.
+`hirm_jax.layouts.load_text_encoder` picks T5 from config.json and comes here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import jax
 import numpy as np
 
 from hirm_jax.fileio import atomic_dir, save_safetensors
+from hirm_jax.layouts import WEIGHTS_NAME, read_weight_files
 from hirm_jax.t5 import DTYPES, T5Encoder, T5EncoderConfig
 from hirm_jax.weights import IDENTITY, Transform, WeightsError
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 T5_MODEL_TYPE = "t5"
 
 
@@ -206,93 +205,6 @@ def t5_flax_to_hf(params, config: T5EncoderConfig) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading safetensors (with bf16).
-
-def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    return (raw.astype(np.uint32) << 16).view(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stored:
-    numpy: str                                       # numpy dtype of the stored bytes
-    decode: Callable[[np.ndarray], np.ndarray]       # -> the array handed out
-
-
-_SAFETENSORS_READ = {
-    "F64": _Stored("<f8", np.array), "F32": _Stored("<f4", np.array),
-    "F16": _Stored("<f2", lambda x: x.astype(np.float32)),       # exact
-    "BF16": _Stored("<u2", _bf16_to_f32),                         # exact: bf16 is float32's top half
-    "I64": _Stored("<i8", np.array), "I32": _Stored("<i4", np.array), "I16": _Stored("<i2", np.array),
-    "I8": _Stored("i1", np.array), "U8": _Stored("u1", np.array), "BOOL": _Stored("?", np.array),
-}
-_MAX_HEADER = 100 << 20
-
-
-def read_safetensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file whose names pass `keep`, F16/BF16 upcast exactly to float32.
-
-    Parses the header itself (8-byte little-endian length, then JSON) and reads tensor by tensor;
-    a truncated or corrupt file raises WeightsError."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
-            length = int.from_bytes(f.read(8), "little")
-            if length > min(size - 8, _MAX_HEADER):
-                raise ValueError(f"header length {length} exceeds the file ({size} bytes)")
-            header = json.loads(f.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-            data_start = 8 + length
-            out: dict[str, np.ndarray] = {}
-            for name, info in header.items():
-                if name == "__metadata__" or not keep(name):
-                    continue
-                stored = _SAFETENSORS_READ.get(info.get("dtype"))
-                if stored is None:
-                    raise ValueError(f"tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-                count = int(np.prod(shape, dtype=np.int64))
-                if not 0 <= begin <= end <= size - data_start or end - begin != count * np.dtype(stored.numpy).itemsize:
-                    raise ValueError(f"tensor {name!r} has data offsets {[begin, end]} that do not fit its "
-                                     f"shape {list(shape)} or the file")
-                f.seek(data_start + begin)
-                raw = np.frombuffer(f.read(end - begin), dtype=stored.numpy, count=count).reshape(shape)
-                value = stored.decode(raw)  # a fresh, writable array
-                out[name] = value.astype(value.dtype.newbyteorder("="), copy=False)
-            return out
-    except OSError:
-        raise
-    except Exception as e:
-        raise WeightsError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
-
-
-def _read_sharded(folder: Path) -> dict[str, np.ndarray]:
-    index_path = folder / WEIGHTS_INDEX_NAME
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WeightsError(f"{index_path} must be JSON with a 'weight_map' but is not: {e}") from e
-    state: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = folder / shard
-        if Path(shard).name != shard or not shard_path.is_file():
-            raise WeightsError(f"{index_path} lists shard {shard!r}, which is not a file in {folder}")
-        listed = {k for k, v in weight_map.items() if v == shard}
-        tensors = read_safetensors(shard_path)
-        if set(tensors) != listed:
-            raise WeightsError(f"shard {shard} does not hold what {WEIGHTS_INDEX_NAME} lists: missing "
-                               f"{_short(sorted(listed - set(tensors)))}, unlisted {_short(sorted(set(tensors) - listed))}")
-        state.update(tensors)
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
 # Folders.
 
 def is_t5_config(hf_config: Mapping) -> bool:
@@ -353,7 +265,7 @@ def resolve_t5_folder(source: str | os.PathLike, component: Optional[str] = None
 
 
 def load_t5_folder(source: str | os.PathLike, component: Optional[str] = None, *,
-                   dtype: Optional[str] = None) -> T5Encoder:
+                   dtype: Optional[str] = None, allow_pickle: bool = False) -> T5Encoder:
     """A T5 encoder from a transformers folder (config.json + model.safetensors, or the shards of
     model.safetensors.index.json) or a diffusers pipeline component (Flux `text_encoder_2`, SD3
     `text_encoder_3`; pass the pipeline with `component`, or the subfolder itself).
@@ -361,13 +273,7 @@ def load_t5_folder(source: str | os.PathLike, component: Optional[str] = None, *
     Parameters are float32 (fp16/bf16 storage upcast exactly); `dtype` sets the compute dtype."""
     folder = resolve_t5_folder(source, component)
     config = T5EncoderConfig.from_hf_dict(_read_t5_config(folder))
-    if (folder / WEIGHTS_NAME).is_file():
-        state = read_safetensors(folder / WEIGHTS_NAME)
-    elif (folder / WEIGHTS_INDEX_NAME).is_file():
-        state = _read_sharded(folder)
-    else:
-        raise WeightsError(f"{folder} has config.json but neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} "
-                           f"(pickles are not read); found {sorted(p.name for p in folder.iterdir())}")
+    state = read_weight_files(folder, allow_pickle)
     if dtype is not None:
         config = config.replace(dtype=dtype)
     return T5Encoder(config, t5_hf_to_flax(state, config))

@@ -88,8 +88,11 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
                 hook: str = "last_mlp_out", token_positions: str = "all_but_bos",
                 position_mask: Optional[np.ndarray] = None, use_attention_mask: bool = False,
                 out_dir: Optional[str | os.PathLike] = None, provenance_info: Optional[dict] = None,
-                originals: Optional[dict] = None, with_plot: bool = True) -> dict:
+                originals: Optional[dict] = None, with_plot: bool = True, max_length: int = 0) -> dict:
     """Compare the erased and the original encoder on three prompt sets; returns the report dict.
+
+    base: a CLIP TextEncoder or a T5Encoder; max_length: tokens per prompt (the erase config's
+    encoder.max_length; 0: CLIP's 77, required for T5, see hirm_jax.architectures).
 
     targets / paraphrase_targets: the misdirection target per prompt, [N, T, D] at `hook`, or
     [T, D] shared by every prompt (HiRM-R's c * r_t); a 2-D `targets` is reused for the
@@ -102,7 +105,10 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
     here; pass the same dict to every report of one base/hook/mask rule (a batch of concepts
     shares its ordinary prompts, which are then encoded by the base encoder once).
     """
+    from hirm_jax.architectures import architecture_of
     from hirm_jax.problem import encode_in_chunks, make_encode_fn, tokenize
+
+    arch = architecture_of(base)
 
     if paraphrase_targets is None and targets is not None and np.ndim(targets) == 2:
         paraphrase_targets = targets
@@ -114,7 +120,7 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
             raise ValueError(f"{name} targets must have one row per prompt ({len(prompts)}) but have {len(target)}")
     # One pass over all sets: one compiled shape per encoder instead of one per set.
     everything = [p for _, prompts, _ in named for p in prompts]
-    ids, mask = tokenize(tokenizer, everything, base.config.max_position_embeddings)
+    ids, mask = tokenize(tokenizer, everything, arch.max_length(base.config, max_length))
     encode_fn = make_encode_fn(base, (hook,), use_attention_mask)
     originals = {} if originals is None else originals
     todo = [i for i, p in enumerate(everything) if p not in originals]
@@ -126,7 +132,7 @@ def text_report(base: TextEncoder, erased_params, tokenizer, target_prompts: Seq
     if position_mask is not None:
         positions = np.broadcast_to(np.asarray(position_mask, bool), original.shape[:2])
     else:
-        positions = np.asarray(objectives.position_weights(ids, mask, token_positions, hook)) > 0
+        positions = np.asarray(objectives.position_weights(ids, mask, token_positions, hook, arch.has_bos)) > 0
 
     sets: dict[str, Any] = {}
     start = 0
@@ -364,9 +370,8 @@ def write_summary(reports: dict[str, dict], out_dir: str | os.PathLike) -> dict:
 
 def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_params=None,
                 cache: Optional[dict] = None, with_plot: bool = True) -> dict:
-    import ml_collections
-
-    from hirm_jax import export, prompts
+    from hirm_jax import config_lib, export, prompts
+    from hirm_jax.architectures import architecture_of
     from hirm_jax.problem import build_jobs
 
     cache = {} if cache is None else cache
@@ -377,18 +382,19 @@ def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_para
         resolved = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
         raise export.RunError(f"{config_path} is missing or corrupt ({e}); run `hirm-jax erase` first") from e
-    config = ml_collections.ConfigDict(resolved)
+    config = config_lib.from_resolved(resolved)
     concepts = [c for c in prompts.concepts_from_config(config) if c.name in loaded.run["concepts"]]
+    arch = architecture_of(loaded.base)
     if "tokenizer" not in cache:
         cache["tokenizer"] = prompts.load_tokenizer(config.encoder.path, config.encoder.component or None,
-                                                    config.encoder.tokenizer or None)
+                                                    config.encoder.tokenizer or None, arch)
     tokenizer = cache["tokenizer"]
-    base = TextEncoder(loaded.base.config.replace(dtype=config.encoder.dtype), loaded.base.params)
+    base = arch.encoder_class(loaded.base.config.replace(dtype=config.encoder.dtype), loaded.base.params)
     hook = config.objective.hooks[0]
 
     def targets_for(chosen, templates):
         """(prompts, [N, T, D] targets) exactly as training builds them (one job, no retain set)."""
-        job_config = ml_collections.ConfigDict({
+        job_config = config_lib.from_resolved({
             **resolved, "joint": True, "templates": list(templates),
             "preservation": {**resolved["preservation"], "weight": 0.0}})
         jobs = build_jobs(job_config, base, tokenizer, chosen)
@@ -414,7 +420,7 @@ def _report_one(workdir: Path, out_dir: Optional[str | os.PathLike], erased_para
         targets=targets, paraphrase_targets=np.concatenate(paraphrase_targets) if paraphrase_targets else None,
         hook=hook, token_positions=config.objective.token_positions,
         use_attention_mask=config.encoder.use_attention_mask, out_dir=out_dir or workdir,
-        originals=cache.setdefault("originals", {}), with_plot=with_plot,
+        originals=cache.setdefault("originals", {}), with_plot=with_plot, max_length=config.encoder.max_length,
         provenance_info={"workdir": str(workdir.resolve()), "base": loaded.run["base"],
                          "concepts": loaded.run.get("concepts"), "objective": loaded.run.get("objective"),
                          "trained_git_hash": loaded.run.get("git_hash"),

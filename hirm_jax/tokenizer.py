@@ -78,6 +78,38 @@ def load_clip_tokenizer(folder: str | os.PathLike):
         raise TokenizerError(f"cannot load a CLIP tokenizer from {folder}: {type(e).__name__}: {e}") from e
 
 
+def load_t5_tokenizer(folder: str | os.PathLike):
+    """A transformers T5 tokenizer read from a saved folder: `T5TokenizerFast` from tokenizer.json,
+    else the SentencePiece `T5Tokenizer` from spiece.model (as Flux's tokenizer_2 and SD3's
+    tokenizer_3 ship). No BOS; prompts end with </s> (id 1) and are padded with <pad> (id 0)."""
+    from transformers import T5Tokenizer, T5TokenizerFast
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputMissingError(f"tokenizer folder {folder} does not exist")
+    names = ("tokenizer.json", "spiece.model")
+    if not any((folder / name).is_file() for name in names):
+        raise TokenizerError(f"T5 tokenizer folder {folder} has none of {list(names)}")
+    for name in TOKENIZER_JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{path} is not valid JSON ({e}): the tokenizer folder is corrupt") from e
+    cls = T5TokenizerFast if (folder / "tokenizer.json").is_file() else T5Tokenizer
+    try:
+        return cls.from_pretrained(str(folder))
+    except Exception as e:  # transformers and tokenizers raise many types for a bad folder
+        raise TokenizerError(f"cannot load a T5 tokenizer from {folder}: {type(e).__name__}: {e}") from e
+
+
+def special_tokens_note(tokenizer) -> str:
+    """How a prompt's token count is made up: "with <|startoftext|> and <|endoftext|>" (CLIP), "with </s>" (T5)."""
+    bos, eos = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None)
+    return " and ".join(t for t in (bos, eos) if t).join(("with ", "")) if (bos or eos) else "with special tokens"
+
+
 def clip_bpe_path() -> Path:
     """open_clip's `bpe_simple_vocab_16e6.txt.gz`, found without importing open_clip (which needs torchvision)."""
     spec = importlib.util.find_spec("open_clip")
@@ -148,7 +180,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENG
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, padding=False, verbose=False)["input_ids"]]
     for prompt, n in zip(prompts, lengths):
         if n > max_length:
-            raise PromptTooLongError(f"prompt must fit in {max_length} tokens (with <|startoftext|> and "
-                                     f"<|endoftext|>) but has {n}: {prompt!r}")
+            raise PromptTooLongError(f"prompt must fit in {max_length} tokens ({special_tokens_note(tokenizer)}) "
+                                     f"but has {n}: {prompt!r}")
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=False, return_tensors="np")
     return dict(input_ids=batch["input_ids"].astype(np.int32), attention_mask=batch["attention_mask"].astype(np.int32))

@@ -57,12 +57,12 @@ from jax.sharding import NamedSharding
 
 import hirm_jax
 from hirm_jax import config_lib, hub, masking, objectives, prompts, provenance, sharding
+from hirm_jax.architectures import architecture_of
 from hirm_jax.checkpoint import Checkpointer
 from hirm_jax.delta import fingerprint
 from hirm_jax.errors import HirmError, OutputError
 from hirm_jax.fileio import atomic_file, folder_lock, safetensors_bytes, sha256_file, write_json
-from hirm_jax.layouts import (FLAX_PARAMS_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
-                              describe_layout, load_text_encoder)
+from hirm_jax.layouts import FLAX_PARAMS_NAME, PickleRefusedError, describe_layout, load_text_encoder, weight_files
 from hirm_jax.model import TextEncoder
 from hirm_jax.problem import Jobs, build_jobs
 from hirm_jax.weights import WeightsError
@@ -207,9 +207,11 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     component = config.encoder.component or None
     source = hub.resolve(config.encoder.path, component=component, what="encoder.path")
     encoder = load_base(source, component, config.encoder.allow_pickle)
-    encoder = TextEncoder(encoder.config.replace(dtype=config.encoder.dtype), encoder.params)
-    tokenizer = prompts.load_tokenizer(source.path, component, config.encoder.tokenizer or None)
-    prompts.check_prompt_lengths(concepts, config.templates, tokenizer, encoder.config.max_position_embeddings)
+    arch = architecture_of(encoder)  # CLIP or T5: blocks, modules, BOS, prompt length, tokenizer
+    encoder = arch.encoder_class(encoder.config.replace(dtype=config.encoder.dtype), encoder.params)
+    tokenizer = prompts.load_tokenizer(source.path, component, config.encoder.tokenizer or None, arch)
+    prompts.check_prompt_lengths(concepts, config.templates, tokenizer,
+                                 arch.max_length(encoder.config, config.encoder.max_length))
     jobs = build_jobs(config, encoder, tokenizer, concepts)
     requested = config.train.concepts_per_chunk
     mesh = mesh or sharding.make_mesh(config.mesh, num_jobs=min(requested, jobs.num_jobs) if requested > 0
@@ -222,7 +224,7 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
                            batch_sharding)
     optimizer = make_optimizer(config.train)
     paths = masking.trainable_paths(encoder.params, config.train.trainable_blocks,
-                                    config.train.trainable_modules, config.train.trainable_regex)
+                                    config.train.trainable_modules, config.train.trainable_regex, arch)
     trainable, frozen = masking.split(encoder.params, paths)
     base_record = dict(source.provenance(), component=component,
                        trainable_sha256={p: fingerprint(np.asarray(v, np.float32)) for p, v in sorted(trainable.items())},
@@ -277,11 +279,8 @@ def load_base(source: hub.Source, component: Optional[str], allow_pickle: bool) 
     converters' --allow-pickle)."""
     try:
         encoder = load_text_encoder(source.path, component, allow_pickle=allow_pickle)
-    except WeightsError as e:
-        if allow_pickle or "--allow-pickle" not in str(e):
-            raise
-        message = str(e).replace("allow_pickle=True (--allow-pickle)", "--allow-pickle")
-        raise WeightsError(message.replace("--allow-pickle", ERASE_PICKLE_FLAG)) from e
+    except PickleRefusedError as e:
+        raise PickleRefusedError(e.path, ERASE_PICKLE_FLAG) from e
     check_finite_weights(encoder.params, f"{source.path}" + (f" (component {component})" if component else ""))
     return encoder
 
@@ -308,14 +307,7 @@ def base_weight_files(path: Path, component: Optional[str]) -> list[Path]:
     if layout == "single_file":
         return [path]
     folder = path / component if layout == "pipeline" and component else path
-    if layout == "flax":
-        return [folder / FLAX_PARAMS_NAME]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        shards = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()
-        return [folder / WEIGHTS_INDEX_NAME, *(folder / shard for shard in sorted(set(shards)))]
-    return [folder / PICKLE_WEIGHTS_NAME]
+    return [folder / FLAX_PARAMS_NAME] if layout == "flax" else weight_files(folder)
 
 
 def base_file_fingerprints(path: Path, component: Optional[str]) -> dict[str, str]:

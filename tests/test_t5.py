@@ -20,8 +20,9 @@ transformers = pytest.importorskip("transformers")
 from hirm_jax.errors import HirmError, OutputError  # noqa: E402
 from hirm_jax.fileio import save_safetensors  # noqa: E402
 from hirm_jax.t5 import T5Encoder, T5EncoderConfig, relative_position_buckets  # noqa: E402
-from hirm_jax.t5_weights import (T5_MAPPING_TABLE, WEIGHTS_INDEX_NAME, expand_t5_table, load_t5_folder,  # noqa: E402
-                                 read_safetensors, save_t5_folder, t5_flax_to_hf, t5_hf_to_flax)
+from hirm_jax.layouts import WEIGHTS_INDEX_NAME, load_text_encoder, save_text_encoder  # noqa: E402
+from hirm_jax.t5_weights import (T5_MAPPING_TABLE, expand_t5_table, load_t5_folder, save_t5_folder,  # noqa: E402
+                                 t5_flax_to_hf, t5_hf_to_flax)
 from hirm_jax.weights import WeightsError  # noqa: E402
 
 SMALL = dict(vocab_size=200, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4)
@@ -471,18 +472,20 @@ def test_folder_refusals(models, tmp_path):
         load_t5_folder(folder)
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(WeightsError, match="pickles are not read"):
+    with pytest.raises(WeightsError, match="pytorch_model.bin is a pickle.*refused"):
         load_t5_folder(folder)
     with pytest.raises(WeightsError, match="not a folder"):
         load_t5_folder(tmp_path / "missing")
 
 
-def test_read_safetensors_decodes_bfloat16_exactly(tmp_path):
-    values = torch.randn(5, 7).to(torch.bfloat16)
-    from safetensors.torch import save_file
-    save_file({"x": values, "y": values.to(torch.float16)}, str(tmp_path / "t.safetensors"))
-    got = read_safetensors(tmp_path / "t.safetensors")
-    assert got["x"].dtype == got["y"].dtype == np.float32
-    assert np.array_equal(got["x"], values.float().numpy())
-    assert np.array_equal(got["y"], values.to(torch.float16).float().numpy())
-    assert set(read_safetensors(tmp_path / "t.safetensors", keep=lambda k: k == "y")) == {"y"}
+def test_load_text_encoder_picks_t5_from_config_json(tmp_path):
+    """The one entry point reads a T5 folder (and a pipeline's T5 component) as a T5Encoder, and
+    save_text_encoder writes it back bit for bit."""
+    encoder = T5Encoder.init(CONFIGS["v1_1"], seed=3)
+    folder = save_t5_folder(encoder, tmp_path / "t5")
+    loaded = load_text_encoder(folder, dtype="bfloat16")
+    assert isinstance(loaded, T5Encoder) and loaded.config.dtype == "bfloat16"
+    assert_same_params(loaded.params, encoder.params)
+    again = save_text_encoder(loaded, tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
