@@ -95,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.preservation.batch_size = 32  # the first N retain prompts, every step; 0 = all of them
 
     c.train = ml_collections.ConfigDict()
+    # Block 0 of a T5 encoder trains q/k/v/o, its RMS norms and DenseReluDense, never the
+    # relative attention bias it stores for every block (hirm_jax.architectures).
     c.train.trainable_blocks = (0,)
     c.train.trainable_modules = TRAINABLE_MODULES
     c.train.trainable_regex = ""  # overrides blocks/modules when set (".*": whole encoder)

@@ -5,6 +5,8 @@ A delta folder (written by `hirm_jax.export.export_delta`) holds
     hirm_delta.safetensors   the changed tensors only, float32, canonical Hugging Face
                              orientation, keys prefixed by pipeline component:
                              text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight
+                             (a T5 encoder, Flux text_encoder_2 / SD3 text_encoder_3, by its own
+                             names: text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.weight)
     hirm_config.json         method, hyper-parameters, concepts, provenance, and for every
                              tensor the sha256 of the BASE tensor it replaces
 

@@ -10,7 +10,9 @@ re-exported here: `apply_delta(delta_dir, base, out_dir)`, `apply_delta_to_pipel
 delta_dir)`, `check_delta(delta_dir, base)`.
 
 The delta holds only the tensors training changed, float32, in canonical Hugging Face
-orientation, keyed `<component>.text_model.encoder.layers.0.self_attn.q_proj.weight`;
+orientation, keyed `<component>.text_model.encoder.layers.0.self_attn.q_proj.weight` (T5:
+`<component>.encoder.block.0.layer.1.DenseReluDense.wo.weight`, from the encoder's own mapping
+table, `hirm_jax.architectures`);
 `hirm_config.json` records the method, objective, hyper-parameters, concepts, provenance and
 each replaced BASE tensor's sha256 (see `hirm_jax.delta` for the fingerprint rule).
 

@@ -39,13 +39,13 @@ import os
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-import jax
 import numpy as np
 
 from hirm_jax.fileio import atomic_dir, save_safetensors
 from hirm_jax.layouts import WEIGHTS_NAME, read_weight_files
 from hirm_jax.t5 import DTYPES, T5Encoder, T5EncoderConfig
-from hirm_jax.weights import IDENTITY, Transform, WeightsError
+from hirm_jax.weights import (IDENTITY, Transform, WeightsError, check_param_tree, flat_paths, set_path,
+                              short_list)
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +111,6 @@ def _describe(config: T5EncoderConfig) -> str:
             f"of {config.d_kv}, d_ff {config.d_ff} ({config.feed_forward_proj}), vocab {config.vocab_size}")
 
 
-def _short(keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return "[]"
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return "[" + ", ".join(keys[:limit]) + "]" + more
-
-
-def _flat_paths(tree) -> dict[tuple[str, ...], object]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(k.key for k in path): leaf for path, leaf in flat}
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def canonical_t5_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Fold the tied `encoder.embed_tokens.weight` onto `shared.weight` and drop decoder / LM-head keys.
 
@@ -165,8 +147,8 @@ def t5_hf_to_flax(state: Mapping[str, np.ndarray], config: T5EncoderConfig) -> d
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise WeightsError(f"checkpoint keys do not match {_describe(config)}: "
-                           f"missing {_short(missing)}, unexpected {_short(unexpected)}")
-    shapes = _flat_paths(T5Encoder(config, None).param_shapes())
+                           f"missing {short_list(missing)}, unexpected {short_list(unexpected)}")
+    shapes = flat_paths(T5Encoder(config, None).param_shapes())
     param_dtype = DTYPES[config.param_dtype]
     params: dict = {}
     for hf_key, path, transform in rows:
@@ -177,30 +159,20 @@ def t5_hf_to_flax(state: Mapping[str, np.ndarray], config: T5EncoderConfig) -> d
             raise WeightsError(f"{hf_key} must have shape {want_hf} for {_describe(config)} "
                                f"but has {value.shape}")
         # fp16/bf16 checkpoints arrive upcast exactly; float32 ones pass through bit for bit.
-        _set(params, path, transform.to_flax(value).astype(param_dtype, copy=False))
-    assert len(_flat_paths(params)) == len(shapes), "T5 mapping table does not cover the model"
+        set_path(params, path, transform.to_flax(value).astype(param_dtype, copy=False))
+    assert len(flat_paths(params)) == len(shapes), "T5 mapping table does not cover the model"
     return params
 
 
 def check_t5_params(params, config: T5EncoderConfig) -> None:
     """Raise WeightsError unless `params` has exactly the leaves and shapes `config` expects."""
-    flat = _flat_paths(params)
-    shapes = _flat_paths(T5Encoder(config, None).param_shapes())
-    missing = sorted("/".join(p) for p in set(shapes) - set(flat))
-    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
-    if missing or extra:
-        raise WeightsError(f"Flax params do not match {_describe(config)}: "
-                           f"missing {_short(missing)}, unexpected {_short(extra)}")
-    wrong = sorted(f"{'/'.join(p)} {tuple(np.shape(flat[p]))} (expected {tuple(shapes[p].shape)})"
-                   for p in shapes if tuple(np.shape(flat[p])) != tuple(shapes[p].shape))
-    if wrong:
-        raise WeightsError(f"Flax params have the wrong shapes for {_describe(config)}: {_short(wrong)}")
+    check_param_tree(params, T5Encoder(config, None).param_shapes(), _describe(config))
 
 
 def t5_flax_to_hf(params, config: T5EncoderConfig) -> dict[str, np.ndarray]:
     """Flax params -> PyTorch `T5EncoderModel` state dict as save_pretrained writes it (numpy, contiguous)."""
     check_t5_params(params, config)
-    flat = _flat_paths(params)
+    flat = flat_paths(params)
     return {hf_key: transform.to_hf(np.asarray(flat[path])) for hf_key, path, transform in expand_t5_table(config)}
 
 

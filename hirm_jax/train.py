@@ -209,6 +209,10 @@ def setup_run(config: ml_collections.ConfigDict, mesh=None) -> Setup:
     encoder = load_base(source, component, config.encoder.allow_pickle)
     arch = architecture_of(encoder)  # CLIP or T5: blocks, modules, BOS, prompt length, tokenizer
     encoder = arch.encoder_class(encoder.config.replace(dtype=config.encoder.dtype), encoder.params)
+    if "text_embeds" in config.objective.hooks and not encoder.config.projection_dim:
+        raise config_lib.ConfigError(
+            f"objective.hooks has 'text_embeds', but the {arch.name} encoder {source.path} has no projection "
+            "(projection_dim; T5 has no pooled output): hook 'text_embeds' needs an encoder with a projection")
     tokenizer = prompts.load_tokenizer(source.path, component, config.encoder.tokenizer or None, arch)
     prompts.check_prompt_lengths(concepts, config.templates, tokenizer,
                                  arch.max_length(encoder.config, config.encoder.max_length))

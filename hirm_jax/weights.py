@@ -123,13 +123,13 @@ def expand_table(config: TextEncoderConfig) -> Iterator[tuple[str, tuple[str, ..
             yield (hf_key.format(i=i), tuple(flax_path.format(i=i).split("/")), transform)
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
     tree[path[-1]] = value
 
 
-def _flat_paths(tree) -> dict[tuple[str, ...], object]:
+def flat_paths(tree) -> dict[tuple[str, ...], object]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(k.key for k in path): leaf for path, leaf in flat}
 
@@ -151,8 +151,8 @@ def hf_to_flax(state: dict[str, np.ndarray], config: TextEncoderConfig) -> dict:
     unexpected = sorted(set(state) - expected - set(IGNORED_KEYS))
     if missing or unexpected:
         raise WeightsError(f"checkpoint keys do not match {_describe(config)}: "
-                           f"missing {_short(missing)}, unexpected {_short(unexpected)}")
-    shapes = _flat_paths(TextEncoder(config, None).param_shapes())
+                           f"missing {short_list(missing)}, unexpected {short_list(unexpected)}")
+    shapes = flat_paths(TextEncoder(config, None).param_shapes())
     param_dtype = DTYPES[config.param_dtype]
     params: dict = {}
     for hf_key, path, transform in rows:
@@ -163,30 +163,37 @@ def hf_to_flax(state: dict[str, np.ndarray], config: TextEncoderConfig) -> dict:
                 f"{hf_key} must have shape {want if transform is IDENTITY else want[::-1]} "
                 f"for {_describe(config)} but has {tuple(np.shape(state[hf_key]))}")
         # fp16/bf16 checkpoints are upcast exactly; float32 ones pass through bit for bit.
-        _set(params, path, value.astype(param_dtype, copy=False))
-    assert len(_flat_paths(params)) == len(shapes), "mapping table does not cover the model"
+        set_path(params, path, value.astype(param_dtype, copy=False))
+    assert len(flat_paths(params)) == len(shapes), "mapping table does not cover the model"
     return params
+
+
+def check_param_tree(params, expected, description: str) -> None:
+    """Raise WeightsError unless `params` has exactly the leaves and shapes of `expected` (a tree
+    of ShapeDtypeStructs); `description` names the model in the message. Shared by every
+    architecture's mapping (CLIP here, T5 in `hirm_jax.t5_weights`)."""
+    flat = flat_paths(params)
+    shapes = flat_paths(expected)
+    missing = sorted("/".join(p) for p in set(shapes) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
+    if missing or extra:
+        raise WeightsError(f"Flax params do not match {description}: "
+                           f"missing {short_list(missing)}, unexpected {short_list(extra)}")
+    wrong = sorted(f"{'/'.join(p)} {tuple(np.shape(flat[p]))} (expected {tuple(shapes[p].shape)})"
+                   for p in shapes if tuple(np.shape(flat[p])) != tuple(shapes[p].shape))
+    if wrong:
+        raise WeightsError(f"Flax params have the wrong shapes for {description}: {short_list(wrong)}")
 
 
 def check_params(params, config: TextEncoderConfig) -> None:
     """Raise WeightsError unless `params` has exactly the leaves and shapes `config` expects."""
-    flat = _flat_paths(params)
-    shapes = _flat_paths(TextEncoder(config, None).param_shapes())
-    missing = sorted("/".join(p) for p in set(shapes) - set(flat))
-    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
-    if missing or extra:
-        raise WeightsError(f"Flax params do not match {_describe(config)}: "
-                           f"missing {_short(missing)}, unexpected {_short(extra)}")
-    wrong = sorted(f"{'/'.join(p)} {tuple(np.shape(flat[p]))} (expected {tuple(shapes[p].shape)})"
-                   for p in shapes if tuple(np.shape(flat[p])) != tuple(shapes[p].shape))
-    if wrong:
-        raise WeightsError(f"Flax params have the wrong shapes for {_describe(config)}: {_short(wrong)}")
+    check_param_tree(params, TextEncoder(config, None).param_shapes(), _describe(config))
 
 
 def flax_to_hf(params, config: TextEncoderConfig) -> dict[str, np.ndarray]:
     """Flax params -> canonical Hugging Face state dict (numpy, contiguous)."""
     check_params(params, config)
-    flat = _flat_paths(params)
+    flat = flat_paths(params)
     return {hf_key: transform.to_hf(np.asarray(flat[path])) for hf_key, path, transform in expand_table(config)}
 
 
@@ -280,7 +287,7 @@ def openclip_to_hf(state: dict[str, np.ndarray], num_layers: Optional[int] = Non
                 out[dst] = value
     unexpected = sorted(set(state) - used - ignored - dropped)
     if unexpected:
-        raise WeightsError(f"OpenCLIP checkpoint has keys that are neither mapped nor ignored: {_short(unexpected)}")
+        raise WeightsError(f"OpenCLIP checkpoint has keys that are neither mapped nor ignored: {short_list(unexpected)}")
     return out
 
 
@@ -330,7 +337,7 @@ def infer_config(state: dict[str, np.ndarray], hidden_act: str, source: str = "c
     return config
 
 
-def _short(keys: list[str], limit: int = 8) -> str:
+def short_list(keys: list[str], limit: int = 8) -> str:
     if not keys:
         return "[]"
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""

@@ -30,7 +30,7 @@ from hirm_jax.tokenizer import load_t5_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
-MAX_LENGTH = 24
+MAX_LENGTH = 32
 CONCEPT, ANCHOR = "van gogh", "painting"
 TEMPLATES = ("{}", "a painting by {}", "an image in the style of {}")
 ORDINARY = ["a photo of a cat", "a castle on a hill at night", "a red car on a street", "a bowl of fruit on a table",
@@ -93,7 +93,10 @@ def erased_s(t5_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def erased_r(t5_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("t5_r") / "w"
-    assert erase(workdir, t5_dir, "--config.train.learning_rate=3e-3", objective="hirm_r") == 0
+    # gaussian targets: RMU's uniform ones all lie near the all-ones direction (cos ~0.75 between
+    # positions), so in a tiny model a global shift moves ordinary prompts toward them as much
+    assert erase(workdir, t5_dir, "--config.train.learning_rate=3e-3", "--config.objective.random_distribution=gaussian",
+                 objective="hirm_r") == 0
     return workdir
 
 
@@ -137,7 +140,8 @@ def test_t5_hirm_s_moves_concept_toward_its_anchor(erased_s, t5_dir):
     run = json.loads((erased_s / "run.json").read_text())
     assert run["encoder_config"]["d_model"] == 64 and run["base"]["component"] is None
     report = json.loads((erased_s / "text_report.json").read_text())  # the report runs on T5 too
-    assert report["sets"]["targets"]["n_prompts"] == len(TEMPLATES)
+    assert report["sets"]["targets"]["num_prompts"] == len(TEMPLATES)
+    assert report["sets"]["targets"]["cos_to_target"]["mean"] > report["sets"]["targets"]["cos_to_target_before"]["mean"]
 
 
 def test_t5_hirm_r_moves_concept_toward_the_random_target(erased_r, t5_dir):
@@ -152,7 +156,7 @@ def test_t5_hirm_r_moves_concept_toward_the_random_target(erased_r, t5_dir):
         return np.asarray(r)[None] * scale
     m = movement(erased_r, tokenizer, random_target)
     print("hirm_r", json.dumps(m))
-    assert m["concept"]["cos_after"] > m["concept"]["cos_before"] + 0.3, m
+    assert m["concept"]["cos_after"] > m["concept"]["cos_before"] + 0.15, m
     assert m["concept"]["cos_after"] - m["concept"]["cos_before"] > \
         2 * (m["ordinary"]["cos_after"] - m["ordinary"]["cos_before"]), m
 
@@ -208,7 +212,8 @@ def test_t5_erase_from_a_pipeline_text_encoder_2(t5_dir, tmp_path):
     for f in t5_dir.glob("tokenizer*"):
         shutil.copy(f, pipeline / "tokenizer_2" / f.name)
     workdir = tmp_path / "w"
-    assert erase(workdir, pipeline, "--config.encoder.component=text_encoder_2", "--config.train.epochs=3") == 0
+    assert erase(workdir, pipeline, "--config.encoder.component=text_encoder_2", "--config.train.epochs=3",
+                 "--config.objective.hooks=('last_mlp_out', 'final_ln')") == 0  # as configs/flux.py:text_encoder_2
     assert main(["export", f"--workdir={workdir}", f"--out={tmp_path / 'delta'}"]) == 0
     keys = set(load_file(str(tmp_path / "delta" / "hirm_delta.safetensors")))
     assert keys and all(k.startswith("text_encoder_2.encoder.block.0.") for k in keys), keys
@@ -223,6 +228,16 @@ def test_t5_erase_from_a_pipeline_text_encoder_2(t5_dir, tmp_path):
     np.testing.assert_allclose(torch_out, flax_out, atol=1e-4, rtol=0)
 
 
+def test_t5_hirm_s_vector_with_frozen_leaves_split_over_fsdp(t5_dir, tmp_path):
+    pairs = write_lines(tmp_path / "pairs.tsv", ["a painting by van gogh\ta painting", "van gogh\tpainting"])
+    workdir = tmp_path / "w"
+    assert erase(workdir, t5_dir, "--config.objective.name=hirm_s_vector", f"--config.objective.vector_pairs_file={pairs}",
+                 "--config.train.epochs=5", "--config.mesh.fsdp=2") == 0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["misdirection"] < rows[0]["misdirection"]
+    assert set(json.loads((workdir / "run.json").read_text())["trainable_paths"]) == TRAINED
+
+
 def test_t5_prompt_longer_than_max_length_is_an_error_naming_it(t5_dir, tmp_path, capsys):
     long_template = "an image in the style of {} " + "on a hill at night " * 4
     assert erase(tmp_path / "w", t5_dir, f"--config.templates=('{{}}', '{long_template}')") != 0
@@ -233,6 +248,8 @@ def test_t5_prompt_longer_than_max_length_is_an_error_naming_it(t5_dir, tmp_path
                  f"--config.concepts=('{CONCEPT}',)", f"--config.super_categories={{'{CONCEPT}': '{ANCHOR}'}}"]) != 0
     err = capsys.readouterr().err
     assert "encoder.max_length must be set for a t5 encoder" in err and "512" in err
+    assert erase(tmp_path / "w", t5_dir, "--config.objective.hooks=('text_embeds',)") == 2
+    assert "t5 encoder" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
 
