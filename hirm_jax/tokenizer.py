@@ -52,19 +52,14 @@ TOKENIZER_JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json",
                         "added_tokens.json")
 
 
-def load_clip_tokenizer(folder: str | os.PathLike):
-    """A transformers `CLIPTokenizer` read from a saved folder.
-
-    The folder must hold tokenizer.json or vocab.json (+ merges.txt); every JSON file of it
-    must parse (TokenizerError naming the file and the position); anything else transformers
-    refuses is a TokenizerError naming the folder."""
-    from transformers import CLIPTokenizer
-
+def _checked_folder(folder: str | os.PathLike, needs: Sequence[str], kind: str) -> Path:
+    """A tokenizer folder that exists, holds one of `needs`, and whose JSON files all parse
+    (TokenizerError naming the file and the position)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputMissingError(f"tokenizer folder {folder} does not exist")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise TokenizerError(f"tokenizer folder {folder} has none of {list(TOKENIZER_FILES)}")
+    if not any((folder / name).is_file() for name in needs):
+        raise TokenizerError(f"{kind} tokenizer folder {folder} has none of {list(needs)}")
     for name in TOKENIZER_JSON_FILES:
         path = folder / name
         if path.is_file():
@@ -72,10 +67,22 @@ def load_clip_tokenizer(folder: str | os.PathLike):
                 json.loads(path.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as e:
                 raise TokenizerError(f"{path} is not valid JSON ({e}): the tokenizer folder is corrupt") from e
+    return folder
+
+
+def _from_pretrained(cls, folder: Path, kind: str):
     try:
-        return CLIPTokenizer.from_pretrained(str(folder))
+        return cls.from_pretrained(str(folder))
     except Exception as e:  # transformers and tokenizers raise many types for a bad folder
-        raise TokenizerError(f"cannot load a CLIP tokenizer from {folder}: {type(e).__name__}: {e}") from e
+        raise TokenizerError(f"cannot load a {kind} tokenizer from {folder}: {type(e).__name__}: {e}") from e
+
+
+def load_clip_tokenizer(folder: str | os.PathLike):
+    """A transformers `CLIPTokenizer` read from a saved folder holding tokenizer.json or
+    vocab.json (+ merges.txt); a corrupt or incomplete folder is a TokenizerError naming it."""
+    from transformers import CLIPTokenizer
+
+    return _from_pretrained(CLIPTokenizer, _checked_folder(folder, TOKENIZER_FILES, "CLIP"), "CLIP")
 
 
 def load_t5_tokenizer(folder: str | os.PathLike):
@@ -84,24 +91,8 @@ def load_t5_tokenizer(folder: str | os.PathLike):
     tokenizer_3 ship). No BOS; prompts end with </s> (id 1) and are padded with <pad> (id 0)."""
     from transformers import T5Tokenizer, T5TokenizerFast
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputMissingError(f"tokenizer folder {folder} does not exist")
-    names = ("tokenizer.json", "spiece.model")
-    if not any((folder / name).is_file() for name in names):
-        raise TokenizerError(f"T5 tokenizer folder {folder} has none of {list(names)}")
-    for name in TOKENIZER_JSON_FILES:
-        path = folder / name
-        if path.is_file():
-            try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise TokenizerError(f"{path} is not valid JSON ({e}): the tokenizer folder is corrupt") from e
-    cls = T5TokenizerFast if (folder / "tokenizer.json").is_file() else T5Tokenizer
-    try:
-        return cls.from_pretrained(str(folder))
-    except Exception as e:  # transformers and tokenizers raise many types for a bad folder
-        raise TokenizerError(f"cannot load a T5 tokenizer from {folder}: {type(e).__name__}: {e}") from e
+    folder = _checked_folder(folder, ("tokenizer.json", "spiece.model"), "T5")
+    return _from_pretrained(T5TokenizerFast if (folder / "tokenizer.json").is_file() else T5Tokenizer, folder, "T5")
 
 
 def special_tokens_note(tokenizer) -> str:

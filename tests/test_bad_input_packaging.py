@@ -234,7 +234,7 @@ def test_resolve_reads_the_hub_cache_offline(offline_hub):
         source = hub.resolve(value, whole_pipeline=True, what="--pipeline")
         assert (source.path.resolve(), source.hub_id, source.revision) == (offline_hub, HUB_ID, COMMIT), value
     assert source.provenance() == {"source": HUB_ID, "revision": COMMIT, "snapshot": str(source.path)}
-    with pytest.raises(InputMissingError, match=r"--pipeline org/absent is not a local path, and as a hub id it "
+    with pytest.raises(InputMissingError, match=r"--pipeline org/absent does not exist as a local path, and as a hub id it "
                                                 r"could not be resolved: HF_HUB_OFFLINE is set"):
         hub.resolve("org/absent", whole_pipeline=True, what="--pipeline")
 
