@@ -42,6 +42,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_batch.py --n 256 --chunk 64
 	$(BIN)/python bench/bench_report.py
 	$(BIN)/python bench/bench_many.py
+	$(BIN)/python bench/bench_t5.py
 
 clean-venv:
 	rm -rf $(VENV) $(TF4_VENV)

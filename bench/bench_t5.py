@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from bench_encoder import _time  # the same timing loop as the CLIP bench (this folder is on sys.path)
+
 SHAPES = {
     "small": dict(config=dict(vocab_size=1024, d_model=512, d_kv=64, d_ff=1024, num_layers=4, num_heads=6),
                   batch=1, length=128),
@@ -93,17 +95,6 @@ def _state(config):
             scale = 1.0 if key == "shared.weight" else shape[-1] ** -0.5
             state[key] = (scale * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
     return state
-
-
-def _time(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def run_flax(args, name: str) -> dict:
