@@ -43,6 +43,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_report.py
 	$(BIN)/python bench/bench_many.py
 	$(BIN)/python bench/bench_t5.py
+	$(BIN)/python bench/bench_t5_memory.py --json workdirs/bench_t5_memory.json
 
 clean-venv:
 	rm -rf $(VENV) $(TF4_VENV)

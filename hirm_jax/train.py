@@ -141,8 +141,8 @@ def init_state(trainable: dict, optimizer, num_jobs: int = 1) -> dict:
 
 def state_shardings(state: dict, mesh) -> dict:
     return dict(step=sharding.replicated(mesh),
-                trainable=jax.tree_util.tree_map(lambda _: sharding.per_job(mesh), state["trainable"]),
-                opt_state=jax.tree_util.tree_map(lambda _: sharding.per_job(mesh), state["opt_state"]),
+                trainable=jax.tree_util.tree_map(lambda x: sharding.job_state(mesh, x.shape), state["trainable"]),
+                opt_state=jax.tree_util.tree_map(lambda x: sharding.job_state(mesh, x.shape), state["opt_state"]),
                 bad_step=sharding.per_job(mesh))
 
 
