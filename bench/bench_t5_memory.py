@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding
 
 from hirm_jax import config_lib, masking, sharding, train
 from hirm_jax.architectures import architecture
+from hirm_jax.fileio import write_json
 from hirm_jax.t5 import T5Encoder, T5EncoderConfig
 
 DEVICE_GB = (96, 16)
@@ -176,8 +177,7 @@ def main() -> None:
           "1 GB = 1e9 bytes")
     result = dict(cpu=cpu_model(), jax=jax.__version__, devices=jax.device_count(), length=args.length,
                   dtype=args.dtype, encoder=T5EncoderConfig.t5_v1_1_xxl().__dict__, rows=rows, goal=goal)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    write_json(args.json, json.loads(json.dumps(result, default=str)))
     print(f"wrote {args.json}")
 
 
