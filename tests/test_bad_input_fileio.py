@@ -128,7 +128,7 @@ def test_a_second_holder_of_a_folder_lock_is_refused_naming_the_first(tmp_path):
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypatch):
-    monkeypatch.delenv("HIRM_JAX_DEBUG", raising=False)
+    monkeypatch.setenv("HIRM_JAX_DEBUG", "0")  # (setenv, not delenv: it is restored afterwards)
     assert errors.report(errors.OutputError("out exists")) == 2
     assert errors.report(errors.WriteError("disk full")) == 3
     assert errors.report(FileNotFoundError(2, "No such file", "/x")) == 2
@@ -141,9 +141,10 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypa
 
 
 def test_debug_flag_shows_the_traceback_of_a_user_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("HIRM_JAX_DEBUG", raising=False)
+    monkeypatch.setenv("HIRM_JAX_DEBUG", "0")  # restored after the test: --debug below sets it to 1
     argv = ["apply", f"--delta={tmp_path / 'absent'}", f"--base={tmp_path}", f"--out={tmp_path / 'out'}"]
     assert main(argv) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(errors.HirmError):
         main(["--debug", *argv])
+    assert errors.debug_enabled()
