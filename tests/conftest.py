@@ -21,3 +21,10 @@ def encoder_dir(tmp_path_factory):
     from hirm_jax.testing import random_encoder_folder
     config = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
     return random_encoder_folder(tmp_path_factory.mktemp("tiny_encoder") / "encoder", config, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _user_errors_print_one_line(monkeypatch):
+    """Every test starts with --debug off (HIRM_JAX_DEBUG=0; a test or a command's --debug that
+    sets it is undone afterwards), so exit codes and one-line errors are what users get."""
+    monkeypatch.setenv("HIRM_JAX_DEBUG", "0")
