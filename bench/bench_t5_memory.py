@@ -35,9 +35,7 @@ import json
 import math
 import platform
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +51,7 @@ DEVICE_GB = (96, 16)
 
 def flux_t5_config(length: int = 512, dtype: str = "float32"):
     """configs/flux.py:text_encoder_2 as a batch erasure (one delta per concept)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's configs/
-    from configs.flux import get_config  # noqa: PLC0415
+    from hirm_jax.configs.flux import get_config  # noqa: PLC0415  (the shipped configs/ folder)
     c = get_config("text_encoder_2")
     c.encoder.max_length = length
     c.encoder.dtype = dtype

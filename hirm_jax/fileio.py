@@ -136,7 +136,7 @@ def _normalised(path: str | os.PathLike) -> Path:
     return resolved(path.parent) / path.name
 
 
-def _refuse_existing(out_dir: Path, shown: str | os.PathLike) -> None:
+def _refuse_existing(shown: str | os.PathLike) -> None:
     raise OutputError(f"output folder {os.fspath(shown)} already exists; choose another, remove it, or pass "
                       "--overwrite to replace it (the old folder is kept until the new one is complete)")
 
@@ -152,7 +152,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Opti
     check_output_location(out_dir, inputs or {})
     out_dir = _normalised(out_dir)
     if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
-        _refuse_existing(out_dir, shown)
+        _refuse_existing(shown)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out_dir)
