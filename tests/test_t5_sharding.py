@@ -113,11 +113,10 @@ def test_t5_step_sharded_over_fsdp_and_concepts_equals_unsharded(t5_dir, unshard
         # Adam moves a coordinate by lr * g / (|g| + eps): where g is at rounding level (it cancels
         # to ~1e-5 of the leaf's typical gradient) the sharded sum's other rounding changes that
         # ratio by ~1e-3, i.e. the weight by ~1e-6 (one wi_0 entry here: g = 4.3e-7 vs 4.6e-7,
-        # median |g| 0.055). Those few coordinates get lr / 100; every other one 1e-6.
-        rounding = grad_rms[path] < 1e-4 * np.median(grad_rms[path])
-        assert rounding.mean() < 1e-3, path
-        assert diff[~rounding].max(initial=0) <= 1e-6, (path, diff[~rounding].max())
-        assert diff[rounding].max(initial=0) <= 1e-5, (path, diff[rounding].max())
+        # median |g| 0.055). Which coordinates cancel so depends on the summation order (threads,
+        # shard layout), so the rule is by count: all within lr / 100, 99.9% within 1e-6.
+        assert diff.max(initial=0) <= 1e-5, (path, diff.max())
+        assert (diff > 1e-6).mean() < 1e-3, (path, int((diff > 1e-6).sum()))
 
 
 def test_bench_abstract_step_lowers_to_setup_runs_step(t5_dir):
