@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hirm_jax.model import TextEncoderConfig
-from hirm_jax.testing import random_encoder_folder
+from hirm_jax.encoder.clip import TextEncoderConfig
+from hirm_jax.encoder.testing import random_encoder_folder
 
 
 def step_flops(config, num_prompts: int, length: int = 77) -> float:
@@ -45,7 +45,7 @@ def child(base: str, n: int, steps: int, epochs: int, dtype: str, chunk: int) ->
     import jax
 
     from hirm_jax.config_lib import base_config
-    from hirm_jax.train import setup_run
+    from hirm_jax.erase.setup import plan_erase
     names = [f"concept number {i}" for i in range(n)]
     c = base_config()
     c.encoder.path, c.encoder.component, c.encoder.dtype = base, "", dtype
@@ -56,14 +56,14 @@ def child(base: str, n: int, steps: int, epochs: int, dtype: str, chunk: int) ->
     c.train.concepts_per_chunk = chunk if 0 < chunk < n else 0
     c.report.enabled = False
     t0 = time.perf_counter()
-    run = setup_run(c)
+    run = plan_erase(c)
     t_setup = time.perf_counter() - t0
-    args = lambda s: run.step_args(run.per_job, s)
+    args = lambda s: run.step_args(run.place_jobs(*run.chunks[0]), s)
     t0 = time.perf_counter()
-    compiled = run.step_fn.lower(run.state, *args(0)).compile()
+    compiled = run.step_fn.lower(run.new_state(), *args(0)).compile()
     t_compile = time.perf_counter() - t0
     memory = compiled.memory_analysis()
-    state = run.state
+    state = run.new_state()
     times = []
     for s in range(steps + 1):
         t0 = time.perf_counter()

@@ -67,7 +67,7 @@ def run_flax(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from hirm_jax.model import TextEncoder, TextEncoderConfig
+    from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
 
     config = TextEncoderConfig.clip_l()
     # Random weights drawn on the host, leaf by leaf: a jitted model.init would peak at ~1.8 GiB

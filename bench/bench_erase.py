@@ -26,8 +26,8 @@ NINE_KEYWORDS = ["naked", "nude", "bare", "exposed", "Stripped", "topless", "mal
 
 def build_base(root: Path) -> Path:
     """A random CLIP ViT-L/14 text encoder folder with a real CLIP tokenizer."""
-    from hirm_jax.model import TextEncoderConfig
-    from hirm_jax.testing import random_encoder_folder
+    from hirm_jax.encoder.clip import TextEncoderConfig
+    from hirm_jax.encoder.testing import random_encoder_folder
     return random_encoder_folder(root / "clip_l", TextEncoderConfig.clip_l(), seed=0)
 
 
@@ -36,7 +36,7 @@ def jax_erase(base: str, workdir: str, keywords: list[str], epochs: int) -> dict
 
     from hirm_jax.cli import enable_compilation_cache
     from hirm_jax.config_lib import base_config
-    from hirm_jax.train import train_and_evaluate
+    from hirm_jax.run import train_and_evaluate
     enable_compilation_cache()
     c = base_config()
     c.encoder.path, c.encoder.component = base, ""

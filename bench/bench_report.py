@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hirm_jax.model import TextEncoderConfig
-from hirm_jax.testing import random_encoder_folder
+from hirm_jax.encoder.clip import TextEncoderConfig
+from hirm_jax.encoder.testing import random_encoder_folder
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from hirm_jax.config_lib import base_config
-    from hirm_jax.textreport import report_for_run
-    from hirm_jax.train import train_and_evaluate
+    from hirm_jax.report.textreport import report_for_run
+    from hirm_jax.run import train_and_evaluate
 
     root = Path(tempfile.mkdtemp(prefix="bench_report_"))
     base = random_encoder_folder(root / "clip_l", TextEncoderConfig.clip_l())

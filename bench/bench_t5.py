@@ -80,8 +80,8 @@ def _state(config):
     """A PyTorch-layout state dict drawn with numpy, scaled 1/sqrt(fan_in) (norms 1)."""
     import jax
     import numpy as np
-    from hirm_jax.t5 import T5Encoder
-    from hirm_jax.t5_weights import expand_t5_table
+    from hirm_jax.encoder.t5 import T5Encoder
+    from hirm_jax.encoder.t5_weights import expand_t5_table
 
     rng = np.random.default_rng(0)
     leaves = jax.tree_util.tree_flatten_with_path(T5Encoder(config, None).param_shapes())[0]
@@ -100,8 +100,8 @@ def _state(config):
 def run_flax(args, name: str) -> dict:
     import jax
     import jax.numpy as jnp
-    from hirm_jax.t5 import T5Encoder, T5EncoderConfig
-    from hirm_jax.t5_weights import t5_hf_to_flax
+    from hirm_jax.encoder.t5 import T5Encoder, T5EncoderConfig
+    from hirm_jax.encoder.t5_weights import t5_hf_to_flax
 
     shape = SHAPES[name]
     config = T5EncoderConfig(**shape["config"])
@@ -119,7 +119,7 @@ def run_flax(args, name: str) -> dict:
 def run_torch(args, name: str) -> dict:
     import torch
     import transformers
-    from hirm_jax.t5 import T5EncoderConfig
+    from hirm_jax.encoder.t5 import T5EncoderConfig
 
     if torch.get_num_threads() != args.threads:
         torch.set_num_threads(args.threads)

@@ -6,14 +6,13 @@ from XLA's memory analysis of the ahead-of-time compiled step; no weights are lo
 8 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set before jax is
 imported). The step is the one `hirm-jax erase --config=flux:text_encoder_2` runs with
 joint=False (one delta per concept, HiRM-S, hooks last_mlp_out + final_ln, 1 prompt per
-concept), built by `build_abstract_step` from train.py's own pieces (make_loss_fn,
-make_optimizer, make_train_step, init_state, state_shardings, batch_indices) and sharding.py's
-placement (make_mesh, frozen_shardings, per_job, batch_spec, step_bytes), jitted with the same
-in/out shardings and donation as `train.setup_run`. setup_run itself loads the base weights
-and computes the targets with them (19 GB for T5-XXL), so the seam is the jit: the same
-function is lowered on jax.ShapeDtypeStruct arguments carrying the shardings setup_run places
-(T5Encoder.param_shapes() for the parameters). tests/test_t5_sharding.py checks, on a tiny T5,
-that this builder lowers to exactly the HLO of setup_run's step.
+concept): `build_abstract_step` calls `erase.setup.jit_train_step`, the function plan_erase
+jits the step with (loss, optimizer, vmapped step, in/out shardings, donation). plan_erase
+itself loads the base weights and computes the targets with them (19 GB for T5-XXL), so the
+seam is the jit: the same function is lowered on jax.ShapeDtypeStruct arguments carrying the
+shardings plan_erase places (T5Encoder.param_shapes() for the parameters).
+tests/test_t5_sharding.py checks, on a tiny T5, that this lowers to exactly the HLO of
+plan_erase's step.
 
 Mesh for fsdp = f: concept = 8 / f, data = 1, so every device trains the same number of
 concepts; "n per device" jobs means n * (8 / f) concepts in the step. Memory per device is
@@ -39,12 +38,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
-from hirm_jax import config_lib, masking, sharding, train
-from hirm_jax.architectures import architecture
+from hirm_jax import config_lib
+from hirm_jax.encoder.architectures import architecture
+from hirm_jax.encoder.t5 import T5Encoder, T5EncoderConfig
+from hirm_jax.erase import masking, setup, sharding
+from hirm_jax.erase import step as step_lib
 from hirm_jax.fileio import write_json
-from hirm_jax.t5 import T5Encoder, T5EncoderConfig
 
 DEVICE_GB = (96, 16)
 
@@ -60,7 +60,7 @@ def flux_t5_config(length: int = 512, dtype: str = "float32"):
 
 
 def per_job_shapes(config, encoder_config, num_jobs: int, prompts_per_job: int) -> dict:
-    """The shapes and dtypes of problem.build_jobs' per-job arrays (see hirm_jax.problem)."""
+    """The shapes and dtypes of erase.jobs.build_jobs' per-job arrays (see hirm_jax.erase.jobs)."""
     t, hooks = config.encoder.max_length, tuple(config.objective.hooks)
     length = lambda h: 1 if h == "text_embeds" else t
     dim = lambda h: encoder_config.projection_dim if h == "text_embeds" else encoder_config.hidden_size
@@ -71,39 +71,26 @@ def per_job_shapes(config, encoder_config, num_jobs: int, prompts_per_job: int) 
 
 def build_abstract_step(config, encoder_config: T5EncoderConfig, mesh, num_jobs: int, prompts_per_job: int = 1,
                         params=None):
-    """(jitted step, abstract args) exactly as train.setup_run builds and calls them, on shapes.
+    """(jitted step, abstract args) as `erase.setup.plan_erase` builds and calls them, on shapes:
+    the step is `erase.setup.jit_train_step` itself; the arguments are ShapeDtypeStructs with the
+    shardings plan_erase places.
 
     `params`: the parameter tree (arrays or ShapeDtypeStructs); default T5Encoder.param_shapes()."""
     if config.preservation.weight > 0:
         raise NotImplementedError("the abstract step has no preservation prompts (preservation.weight = 0)")
     arch = architecture("t5")
-    encoder = T5Encoder(encoder_config.replace(dtype=config.encoder.dtype), None)
-    params = encoder.param_shapes() if params is None else params
-    # --- as train.setup_run, from `hooks = ...` to `step_args = ...`
-    hooks = tuple(config.objective.hooks)
+    config_at_dtype = encoder_config.replace(dtype=config.encoder.dtype)
+    params = T5Encoder(config_at_dtype, None).param_shapes() if params is None else params
+    encoder = T5Encoder(config_at_dtype, params)
+    optimizer = step_lib.make_optimizer(config.train)
+    trainable, frozen = masking.split(params, setup.trainable_paths(config, encoder, arch))
     batch_size = config.train.batch_size or prompts_per_job
-    batch_sharding = NamedSharding(mesh, sharding.batch_spec(batch_size, mesh))
-    loss_fn = train.make_loss_fn(encoder, hooks, config.encoder.use_attention_mask, config.preservation.weight,
-                                 batch_sharding)
-    optimizer = train.make_optimizer(config.train)
-    paths = masking.trainable_paths(params, config.train.trainable_blocks, config.train.trainable_modules,
-                                    config.train.trainable_regex, arch)
-    trainable, frozen = masking.split(params, paths)
-    frozen_sh = sharding.frozen_shardings(mesh, frozen)
-    state_sh = train.state_shardings(jax.eval_shape(lambda t: train.init_state(t, optimizer, 1), trainable), mesh)
-    rep = sharding.replicated(mesh)
-    step_fn = jax.jit(
-        train.make_train_step(loss_fn, optimizer, spmd_axis_name="concept"),
-        in_shardings=(state_sh, frozen_sh, sharding.per_job(mesh), rep, rep, rep),
-        out_shardings=(state_sh, sharding.per_job(mesh)),
-        donate_argnums=0)
-    # --- the arguments: setup_run's placed arrays, as ShapeDtypeStructs with their shardings
+    step_fn, state_sh, frozen_sh = setup.jit_train_step(encoder, config, mesh, optimizer, trainable, frozen, batch_size)
     num_padded = sharding.pad_to_multiple(num_jobs, mesh)
-    state = train._abstract(jax.eval_shape(lambda t: train.init_state(t, optimizer, num_padded), trainable), state_sh)
-    per_job = train._abstract(per_job_shapes(config, encoder_config, num_padded, prompts_per_job),
-                              sharding.per_job(mesh))
-    frozen = train._abstract(jax.eval_shape(lambda f: f, frozen), frozen_sh)
-    args = (state, frozen, per_job, {}, *train.batch_indices(0, prompts_per_job, batch_size, config.train.seed))
+    state = setup.abstract(jax.eval_shape(lambda t: step_lib.init_state(t, optimizer, num_padded), trainable), state_sh)
+    per_job = setup.abstract(per_job_shapes(config, encoder_config, num_padded, prompts_per_job), sharding.per_job(mesh))
+    frozen = setup.abstract(jax.eval_shape(lambda f: f, frozen), frozen_sh)
+    args = (state, frozen, per_job, {}, *step_lib.batch_indices(0, prompts_per_job, batch_size, config.train.seed))
     return step_fn, args
 
 

@@ -1,4 +1,4 @@
-"""The demo world's erase config, as `hirm-jax demo` uses it (the data lives in hirm_jax.demo).
+"""The demo world's erase config, as `hirm-jax demo` uses it (the data lives in hirm_jax.world.demo).
 
 arg: "hirm_s" (default; misdirect toward the world's neutral anchor "blob" / "plain") or "hirm_r".
 The demo fills in the encoder path, the concept, its kind, its prompt templates and the retain
@@ -6,7 +6,7 @@ prompts of the preservation term; see hirm_jax/demo.py.
 """
 
 from hirm_jax.config_lib import check_config_arg
-from hirm_jax.demo import demo_config
+from hirm_jax.world.demo import demo_config
 
 ARGS = ("hirm_s", "hirm_r")
 

@@ -8,9 +8,9 @@ supervised together with the paper's default hook.
         --config.encoder.path=/models/FLUX.1-dev --config.concepts="('Van Gogh',)" \
         --config.super_categories="{'Van Gogh': 'painting'}"
 
-arg "text_encoder_2": the T5-XXL `text_encoder_2` slot (hirm_jax.t5). Block 0's q/k/v/o, RMS
+arg "text_encoder_2": the T5-XXL `text_encoder_2` slot (hirm_jax.encoder.t5). Block 0's q/k/v/o, RMS
 norms and DenseReluDense train; the relative attention bias block 0 stores for every block
-stays frozen (see hirm_jax.architectures). Flux's transformer reads T5's final-norm output
+stays frozen (see hirm_jax.encoder.architectures). Flux's transformer reads T5's final-norm output
 (`final_ln`) at every position, padding included, so it is supervised with the paper's
 `last_mlp_out`. Prompts are padded to encoder.max_length = 512 tokens, FLUX.1-dev's
 max_sequence_length (set 256 for FLUX.1-schnell); T5 has no BOS, so "all_but_bos" covers

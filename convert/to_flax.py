@@ -6,7 +6,7 @@
 
 SRC: a transformers folder, a diffusers pipeline folder (with --component), a single-file
 SD 1.x / 2.x / SDXL .safetensors, or a Flax checkpoint. The output folder holds config.json and
-flax_params.msgpack (`hirm_jax.layouts.save_flax_checkpoint`); it is written atomically and
+flax_params.msgpack (`hirm_jax.encoder.layouts.save_flax_checkpoint`); it is written atomically and
 not at all on error. Exit code 2 on bad input. Prints the output folder on stdout.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from hirm_jax.cli import convert_main
-from hirm_jax.layouts import save_flax_checkpoint
+from hirm_jax.encoder.layouts import save_flax_checkpoint
 
 
 def main(argv=None) -> int:

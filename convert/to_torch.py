@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from hirm_jax.cli import convert_main
-from hirm_jax.layouts import save_text_encoder
+from hirm_jax.encoder.layouts import save_text_encoder
 
 
 def main(argv=None) -> int:

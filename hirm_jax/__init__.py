@@ -1,6 +1,6 @@
 """hirm_jax: HiRM concept erasure for CLIP text encoders, in JAX/Flax.
 
-The public names are imported on first use, so `hirm_jax.delta` (applying a delta to
+The public names are imported on first use, so `hirm_jax.artifacts.delta` (applying a delta to
 PyTorch weights) works where JAX is not installed.
 """
 
@@ -8,11 +8,15 @@ import importlib
 
 __version__ = "0.1.0"
 
+from hirm_jax import _compat  # noqa: E402  (old flat import paths, one release)
+
+_compat.install()
+
 _LAZY = {
-    "TextEncoder": "hirm_jax.model",
-    "TextEncoderConfig": "hirm_jax.model",
-    "load_text_encoder": "hirm_jax.layouts",
-    "save_text_encoder": "hirm_jax.layouts",
+    "TextEncoder": "hirm_jax.encoder.clip",
+    "TextEncoderConfig": "hirm_jax.encoder.clip",
+    "load_text_encoder": "hirm_jax.encoder.layouts",
+    "save_text_encoder": "hirm_jax.encoder.layouts",
 }
 __all__ = [*_LAZY, "__version__"]
 

@@ -8,6 +8,7 @@
     hirm-jax demo [--concept NAME] [--method hirm_s|hirm_r] [--workdir DIR]
     hirm-jax world train --out DIR                 rebuild the demo world (seeded)
     hirm-jax generate --pipeline=DIR [--delta=D ...] --prompts=FILE --out=DIR
+        (several processes: accelerate launch --num_processes=8 -m hirm_jax.cli generate ...)
     hirm-jax eval --suite=NAME --images=DIR [--out=DIR] | --list
 
 Progress and messages go to stderr. A bad input exits with status 2 and one line that names
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from hirm_jax import log
 from hirm_jax.errors import HirmError, OutputError, UsageError, report
 
 USAGE = __doc__
@@ -44,8 +46,6 @@ def convert_main(argv: Optional[Sequence[str]], description: str, save: Callable
                  out_help: str) -> int:
     """The body of convert/to_flax.py and convert/to_torch.py: load any layout, save with `save`
     (encoder, out, overwrite=) -> folder. Exit 2 with a message on bad input, nothing written."""
-    import logging
-
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, help=src_help)
     parser.add_argument("--component", default=None, help="text_encoder or text_encoder_2 (pipelines, SDXL files)")
@@ -53,9 +53,8 @@ def convert_main(argv: Optional[Sequence[str]], description: str, save: Callable
     parser.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin (runs the unpickler)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hirm_jax").setLevel(logging.INFO)
-    from hirm_jax.layouts import load_text_encoder
+    log.install_handler()
+    from hirm_jax.encoder.layouts import load_text_encoder
     try:
         if Path(args.out).exists() and not args.overwrite:  # before the (slow) load, not after
             raise OutputError(f"output folder {args.out} already exists; choose another, remove it, or pass "
@@ -89,7 +88,7 @@ def erase_main(argv: Sequence[str]) -> int:
     if config_flag.value is None or not workdir_flag.value:
         raise UsageError("erase needs --config=FILE[:ARG] and --workdir=DIR")
     enable_compilation_cache()
-    from hirm_jax.train import train_and_evaluate
+    from hirm_jax.run import train_and_evaluate
     summary = train_and_evaluate(config_flag.value, workdir_flag.value)
     print(os.path.abspath(workdir_flag.value))
     return 0 if summary["status"] == "done" else 1
@@ -147,7 +146,7 @@ def _context_chain(error: BaseException) -> list[BaseException]:
 
 
 def export_main(argv: Sequence[str]) -> int:
-    from hirm_jax import export
+    from hirm_jax.artifacts import export
     parser = argparse.ArgumentParser(prog="hirm-jax export", description="Export an erased encoder from a workdir.")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
@@ -172,7 +171,7 @@ def export_main(argv: Sequence[str]) -> int:
 
 
 def apply_main(argv: Sequence[str]) -> int:
-    from hirm_jax import delta
+    from hirm_jax.artifacts import delta
     parser = argparse.ArgumentParser(prog="hirm-jax apply", description="Apply a HiRM delta to a base pipeline or encoder folder.")
     parser.add_argument("--delta", required=True)
     parser.add_argument("--base", required=True)
@@ -191,7 +190,7 @@ def apply_main(argv: Sequence[str]) -> int:
 
 
 def report_main(argv: Sequence[str]) -> int:
-    from hirm_jax import textreport
+    from hirm_jax.report import textreport
     parser = argparse.ArgumentParser(prog="hirm-jax report", description="Text-space report of an erase workdir.")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", help="output folder (default: the workdir)")
@@ -202,7 +201,7 @@ def report_main(argv: Sequence[str]) -> int:
 
 
 def compare_main(argv: Sequence[str]) -> int:
-    from hirm_jax import compare
+    from hirm_jax.report import compare
     parser = argparse.ArgumentParser(prog="hirm-jax compare",
                                      description="Joint multi-concept erasure vs the average of single-concept deltas.")
     parser.add_argument("--joint", required=True, help="workdir of a joint=True run")
@@ -215,13 +214,14 @@ def compare_main(argv: Sequence[str]) -> int:
 
 
 def generate_main(argv: Sequence[str]) -> int:
-    from hirm_jax import generate
-    return generate.main(list(argv))
+    from hirm_jax.evaluation.suites import suite_prompts
+    from hirm_jax.pipelines import generate
+    return generate.main(list(argv), suite_prompts=suite_prompts)
 
 
 def eval_main(argv: Sequence[str]) -> int:
     if "--suite=demo-world" in argv or any(a == "--suite" and b == "demo-world" for a, b in zip(argv, argv[1:])):
-        from hirm_jax import world_benchmark  # it generates its own images, so it has its own options
+        from hirm_jax.world import benchmark as world_benchmark  # it generates its own images, so it has its own options
         enable_compilation_cache()
         return world_benchmark.main(list(argv))
     from hirm_jax import evaluation
@@ -229,7 +229,7 @@ def eval_main(argv: Sequence[str]) -> int:
 
 
 def demo_main(argv: Sequence[str]) -> int:
-    from hirm_jax.demo import DEFAULT_CONCEPT, run_demo
+    from hirm_jax.world.demo import DEFAULT_CONCEPT, run_demo
     parser = argparse.ArgumentParser(prog="hirm-jax demo", description="Erase a concept in the shipped demo world and measure it.")
     parser.add_argument("--concept", default=DEFAULT_CONCEPT)
     parser.add_argument("--method", default="hirm_s", choices=("hirm_s", "hirm_r"))
@@ -277,10 +277,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE, file=sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
-        return 2
+    log.install_handler()
     try:
+        if command not in COMMANDS:
+            raise UsageError(f"unknown command {command!r}; choose one of {sorted(COMMANDS)}")
         return COMMANDS[command](rest)
     except Exception as e:  # noqa: BLE001  (user errors get one line; anything else propagates)
         return report(e)

@@ -26,7 +26,7 @@ RANDOM_DISTRIBUTIONS = ("uniform", "gaussian")
 FIXED_HOOKS = ("last_mlp_out", "last_block_out", "final_ln", "penultimate", "text_embeds")
 INDEXED_HOOKS = ("mlp_out", "block_out")  # "mlp_out:N", "block_out:N" for block N
 TOKEN_POSITIONS = ("all_but_bos", "all", "non_padding_but_bos")
-# The modules of a block, named as CLIP's; for T5 (hirm_jax.architectures): self_attn = q/k/v/o
+# The modules of a block, named as CLIP's; for T5 (hirm_jax.encoder.architectures): self_attn = q/k/v/o
 # (never the relative attention bias every block shares), mlp = DenseReluDense, layer_norm1/2 =
 # the RMS norms before the attention / the feed-forward.
 TRAINABLE_MODULES = ("self_attn", "mlp", "layer_norm1", "layer_norm2")
@@ -50,25 +50,11 @@ DEFAULTED_FIELDS = ("train.learning_rate", "train.epochs", "objective.scale")
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every field of an erase config with its default; configs/*.py start from this."""
     # convert_dict=False keeps super_categories a plain dict, whose keys may hold dots
     # ("Dr. Seuss"); ConfigDict keys may not, and copies would convert it to one.
     c = ml_collections.ConfigDict(convert_dict=False)
-
-    # Base encoder: a diffusers pipeline folder (+ component), a transformers folder,
-    # or a single-file SD checkpoint (.safetensors).
-    c.encoder = ml_collections.ConfigDict()
-    c.encoder.path = ""
-    c.encoder.component = "text_encoder"  # pipeline slot this encoder plays; "" for a bare folder
-    c.encoder.tokenizer = ""  # default: the pipeline's tokenizer(_2) folder, or the encoder folder
-    c.encoder.use_attention_mask = False  # SD 1.x/2.x/SDXL call the encoder without one
-    c.encoder.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
-    c.encoder.allow_pickle = False  # read .ckpt/.pt/.bin weights (unpickling can run code)
-    # Tokens per prompt (prompts are padded to it; a longer prompt is an error, never cut).
-    # 0: CLIP's max_position_embeddings (77). T5 (Flux text_encoder_2, SD3 text_encoder_3) has
-    # no position limit and needs it set to the pipeline's max_sequence_length: 512 for
-    # FLUX.1-dev, 256 for FLUX.1-schnell and SD3 (see hirm_jax.architectures).
-    c.encoder.max_length = 0
-
+    c.encoder = _encoder_fields()
     # What to erase.
     c.concepts = ()  # e.g. ("Van Gogh",); or concepts_file (not both)
     c.concepts_file = ""  # TSV: concept [\t super-category [\t type]]
@@ -80,58 +66,99 @@ def base_config() -> ml_collections.ConfigDict:
     c.super_categories = ml_collections.FieldReference({}, field_type=object)
     c.templates = ("{}",)  # "{}" = the bare keyword, as the reference implementation
     c.joint = True  # all concepts into one encoder (False: one delta per concept; see scale-out)
+    c.objective = _objective_fields()
+    c.preservation = _preservation_fields()
+    c.train = _train_fields()
+    c.mesh = _mesh_fields()
+    c.report = _report_fields()
+    c.lock()
+    return c
 
-    c.objective = ml_collections.ConfigDict()
-    c.objective.name = "hirm_s"
-    c.objective.scale = -1.0  # c in the paper, > 0; -1: the objective's default (500 for R, 1 for S)
-    c.objective.random_distribution = "uniform"  # RMU: uniform [0, 1) then normalised
-    c.objective.hooks = ("last_mlp_out",)
-    c.objective.token_positions = "all_but_bos"
-    c.objective.vector_pairs_file = ""  # hirm_s_vector: TSV with_concept \t without_concept
 
-    c.preservation = ml_collections.ConfigDict()
-    c.preservation.weight = 0.0  # alpha; 0 = off (the paper has no retain term)
-    c.preservation.prompts_file = ""  # default: the shipped ordinary prompts
-    c.preservation.batch_size = 32  # the first N retain prompts, every step; 0 = all of them
+def _encoder_fields() -> ml_collections.ConfigDict:
+    """The base encoder: a pipeline folder (+ component), a transformers folder, or a single file."""
+    s = ml_collections.ConfigDict()
+    s.path = ""
+    s.component = "text_encoder"  # pipeline slot this encoder plays; "" for a bare folder
+    s.tokenizer = ""  # default: the pipeline's tokenizer(_2) folder, or the encoder folder
+    s.use_attention_mask = False  # SD 1.x/2.x/SDXL call the encoder without one
+    s.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
+    s.allow_pickle = False  # read .ckpt/.pt/.bin weights (unpickling can run code)
+    # Tokens per prompt (prompts are padded to it; a longer prompt is an error, never cut).
+    # 0: CLIP's max_position_embeddings (77). T5 (Flux text_encoder_2, SD3 text_encoder_3) has
+    # no position limit and needs it set to the pipeline's max_sequence_length: 512 for
+    # FLUX.1-dev, 256 for FLUX.1-schnell and SD3 (see hirm_jax.encoder.architectures).
+    s.max_length = 0
+    return s
 
-    c.train = ml_collections.ConfigDict()
+
+def _objective_fields() -> ml_collections.ConfigDict:
+    """The misdirection objective and where it is measured."""
+    s = ml_collections.ConfigDict()
+    s.name = "hirm_s"
+    s.scale = -1.0  # c in the paper, > 0; -1: the objective's default (500 for R, 1 for S)
+    s.random_distribution = "uniform"  # RMU: uniform [0, 1) then normalised
+    s.hooks = ("last_mlp_out",)
+    s.token_positions = "all_but_bos"
+    s.vector_pairs_file = ""  # hirm_s_vector: TSV with_concept \t without_concept
+    return s
+
+
+def _preservation_fields() -> ml_collections.ConfigDict:
+    """The optional retain term (not in the paper)."""
+    s = ml_collections.ConfigDict()
+    s.weight = 0.0  # alpha; 0 = off (the paper has no retain term)
+    s.prompts_file = ""  # default: the shipped ordinary prompts
+    s.batch_size = 32  # the first N retain prompts, every step; 0 = all of them
+    return s
+
+
+def _train_fields() -> ml_collections.ConfigDict:
+    """What trains, and how."""
+    s = ml_collections.ConfigDict()
     # Block 0 of a T5 encoder trains q/k/v/o, its RMS norms and DenseReluDense, never the
-    # relative attention bias it stores for every block (hirm_jax.architectures).
-    c.train.trainable_blocks = (0,)
-    c.train.trainable_modules = TRAINABLE_MODULES
-    c.train.trainable_regex = ""  # overrides blocks/modules when set (".*": whole encoder)
-    c.train.learning_rate = -1.0  # > 0; -1: METHOD_DEFAULTS for (concept_type, objective)
-    c.train.epochs = -1  # > 0; one epoch = one pass over the concept prompt list; -1: METHOD_DEFAULTS
-    c.train.batch_size = 0  # 0: the whole prompt list per step
-    c.train.grad_clip_norm = 0.0  # 0 = no clipping
-    c.train.adam_b1 = 0.9
-    c.train.adam_b2 = 0.999
-    c.train.adam_eps = 1e-8
-    c.train.seed = 0
+    # relative attention bias it stores for every block (hirm_jax.encoder.architectures).
+    s.trainable_blocks = (0,)
+    s.trainable_modules = TRAINABLE_MODULES
+    s.trainable_regex = ""  # overrides blocks/modules when set (".*": whole encoder)
+    s.learning_rate = -1.0  # > 0; -1: METHOD_DEFAULTS for (concept_type, objective)
+    s.epochs = -1  # > 0; one epoch = one pass over the concept prompt list; -1: METHOD_DEFAULTS
+    s.batch_size = 0  # 0: the whole prompt list per step
+    s.grad_clip_norm = 0.0  # 0 = no clipping
+    s.adam_b1 = 0.9
+    s.adam_b2 = 0.999
+    s.adam_eps = 1e-8
+    s.seed = 0
     # joint=False: train at most this many concepts at once (0 = all of them in one step;
     # -1 = as many as fit in train.memory_budget_gib per device, measured by XLA); the rest
     # follow in chunks of the same size that reuse the compiled step.
-    c.train.concepts_per_chunk = 0
-    c.train.memory_budget_gib = 0.0  # for concepts_per_chunk=-1; 0 = 90% of the device's memory
-    c.train.log_every = 10
-    c.train.checkpoint_every = 100
-    c.train.checkpoints_to_keep = 2
+    s.concepts_per_chunk = 0
+    s.memory_budget_gib = 0.0  # for concepts_per_chunk=-1; 0 = 90% of the device's memory
+    s.log_every = 10
+    s.checkpoint_every = 100
+    s.checkpoints_to_keep = 2
+    return s
 
-    # Device mesh (see hirm_jax/sharding.py). concept = 0: as many devices as there are
-    # independent jobs (a divisor of the device count); data takes the rest.
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.concept = 0
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
 
-    c.report = ml_collections.ConfigDict()
-    c.report.enabled = True
-    c.report.paraphrases_file = ""
-    c.report.ordinary_prompts_file = ""  # default: the shipped ordinary prompts
-    c.report.max_ordinary_prompts = 220
+def _mesh_fields() -> ml_collections.ConfigDict:
+    """Device mesh (see hirm_jax/erase/sharding.py)."""
+    s = ml_collections.ConfigDict()
+    # concept = 0: as many devices as there are independent jobs (a divisor of the device
+    # count); data takes the rest.
+    s.concept = 0
+    s.data = -1
+    s.fsdp = 1
+    return s
 
-    c.lock()
-    return c
+
+def _report_fields() -> ml_collections.ConfigDict:
+    """The text report erase writes into the workdir."""
+    s = ml_collections.ConfigDict()
+    s.enabled = True
+    s.paraphrases_file = ""
+    s.ordinary_prompts_file = ""  # default: the shipped ordinary prompts
+    s.max_ordinary_prompts = 220
+    return s
 
 
 class ConfigError(HirmError, ValueError):

@@ -19,13 +19,15 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
+from hirm_jax import log
 from hirm_jax.errors import (HirmError, InputMissingError, LockedError, OutputError, describe_write_failure,
                              exit_code_for)
+
+_log = log.get(__name__)
 
 
 def _umask() -> int:
@@ -123,11 +125,11 @@ def clean_stale(out: Path) -> None:
             continue
         if match.group(1) == "old" and not out.exists() and not out.is_symlink():
             os.replace(sibling, out)
-            print(f"restored {out} from {sibling.name}, moved aside by process {match.group(2)} that died "
-                  "before its replacement landed", file=sys.stderr)
+            _log.info(f"restored {out} from {sibling.name}, moved aside by process {match.group(2)} that died "
+                  "before its replacement landed")
             continue
         shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
-        print(f"removed {sibling}, a partial output left by process {match.group(2)} that died", file=sys.stderr)
+        _log.info(f"removed {sibling}, a partial output left by process {match.group(2)} that died")
 
 
 def _normalised(path: str | os.PathLike) -> Path:
@@ -297,3 +299,11 @@ def save_safetensors(tensors: Mapping[str, "np.ndarray"], path: str | os.PathLik
                      metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write `safetensors_bytes` to `path` (not atomic by itself: use it inside `atomic_dir`)."""
     Path(path).write_bytes(safetensors_bytes(tensors, metadata))
+
+
+def fingerprint(x: "np.ndarray") -> str:
+    """sha256 of a tensor's canonical float32 little-endian bytes (how deltas and run.json
+    fingerprint base tensors)."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(x, dtype="<f4").tobytes()).hexdigest()

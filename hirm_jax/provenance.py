@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+import hirm_jax
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "diffusers", "torch", "safetensors", "numpy",
             "accelerate", "nudenet", "onnxruntime")
 
@@ -37,5 +39,4 @@ def package_versions() -> dict[str, Optional[str]]:
 
 
 def provenance() -> dict:
-    from hirm_jax import __version__
-    return dict(hirm_jax_version=__version__, git_hash=git_hash(), package_versions=package_versions())
+    return dict(hirm_jax_version=hirm_jax.__version__, git_hash=git_hash(), package_versions=package_versions())

@@ -17,10 +17,17 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory):
     """A tiny random CLIP text encoder folder (3 layers, width 64) with a real CLIP tokenizer."""
-    from hirm_jax.model import TextEncoderConfig
-    from hirm_jax.testing import random_encoder_folder
+    from hirm_jax.encoder.clip import TextEncoderConfig
+    from hirm_jax.encoder.testing import random_encoder_folder
     config = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
     return random_encoder_folder(tmp_path_factory.mktemp("tiny_encoder") / "encoder", config, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _messages_as_the_cli_shows_them():
+    """The CLI's one stderr handler (hirm_jax.log), so tests read messages where users see them."""
+    from hirm_jax import log
+    log.install_handler()
 
 
 @pytest.fixture(autouse=True)

@@ -47,8 +47,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: PLC0415  (after the environment)
 
-    from hirm_jax import sharding  # noqa: PLC0415
-    from hirm_jax.train import train_and_evaluate  # noqa: PLC0415
+    from hirm_jax.erase import sharding  # noqa: PLC0415
+    from hirm_jax.run import train_and_evaluate  # noqa: PLC0415
 
     placed, requested = [], []
     make_array = jax.make_array_from_callback

@@ -20,10 +20,10 @@ from typing import Optional
 import numpy as np
 from safetensors.numpy import save_file
 
-from hirm_jax.masking import flatten, unflatten
-from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.tokenizer import bytes_to_unicode
-from hirm_jax.weights import flax_to_hf
+from hirm_jax.erase.masking import flatten, unflatten
+from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
+from hirm_jax.encoder.tokenizer import bytes_to_unicode
+from hirm_jax.encoder.clip_weights import flax_to_hf
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # A few merges so ordinary words are not all single characters.

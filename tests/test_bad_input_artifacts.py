@@ -25,15 +25,17 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from hirm_jax import delta as delta_module
-from hirm_jax import export, fileio, layouts
+from hirm_jax.artifacts import delta as delta_module
+from hirm_jax import fileio
+from hirm_jax.artifacts import export
+from hirm_jax.encoder import layouts
 from hirm_jax.cli import main
-from hirm_jax.delta import fingerprint
+from hirm_jax.artifacts.delta import fingerprint
 from hirm_jax.fileio import safetensors_bytes, sha256_file
-from hirm_jax.layouts import load_text_encoder
-from hirm_jax.masking import flatten
-from hirm_jax.model import TextEncoderConfig
-from hirm_jax.weights import WeightsError, canonical_hf_state, flax_to_hf
+from hirm_jax.encoder.layouts import load_text_encoder
+from hirm_jax.erase.masking import flatten
+from hirm_jax.encoder.clip import TextEncoderConfig
+from hirm_jax.encoder.clip_weights import WeightsError, canonical_hf_state, flax_to_hf
 from tests.fixtures_pipelines import (TINY_VOCAB_SIZE, fabricate_workdir, save_encoder_folder, save_sd_pipeline,
                                       tiny_encoder, tiny_tokenizer)
 
@@ -156,6 +158,7 @@ RELATIONS = ["equal", "contains", "inside", "symlink", "dotdot"]
 
 @pytest.mark.parametrize("relation", RELATIONS)
 @pytest.mark.parametrize("fmt", ["full", "delta", "pipeline"])
+@pytest.mark.slow
 def test_export_refuses_an_output_over_its_workdir(world, tmp_path, capsys, fmt, relation):
     area = _area(world, tmp_path)
     pipe = _tree_copy(world.pipe, area.root / "pipe")
@@ -410,7 +413,7 @@ def test_apply_to_a_bfloat16_base_passes_the_validation(world, tmp_path):
     """The library check reads only the header: bfloat16 tensors (which numpy cannot load) still apply."""
     import ml_dtypes
 
-    from hirm_jax.delta import round_to
+    from hirm_jax.artifacts.delta import round_to
 
     enc = tmp_path / "enc-bf16"
     enc.mkdir()
@@ -556,7 +559,7 @@ def test_heads_that_do_not_divide_the_width_name_the_file_and_both_numbers(world
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "vocab.json", "tokenizer_config.json"])
 def test_a_corrupt_tokenizer_file_is_named(tmp_path, name):
-    from hirm_jax.tokenizer import TokenizerError, load_clip_tokenizer
+    from hirm_jax.encoder.tokenizer import TokenizerError, load_clip_tokenizer
 
     folder = tmp_path / "tokenizer"
     tiny_tokenizer(out_dir=folder)

@@ -17,11 +17,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from configs import tiny
-from hirm_jax import config_lib, masking
+from hirm_jax import config_lib
+from hirm_jax.erase import masking
 from hirm_jax.cli import main
-from hirm_jax.delta import fingerprint
+from hirm_jax.artifacts.delta import fingerprint
 from hirm_jax.fileio import folder_lock, sha256_file
-from hirm_jax.train import train_and_evaluate
+from hirm_jax.run import train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
@@ -50,8 +51,9 @@ def copy_tokenizer(source: Path, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- 1, 2: the base
 
+@pytest.mark.slow
 def test_run_json_fingerprints_the_base(encoder_dir, tmp_path, capsys):
-    from hirm_jax.layouts import load_text_encoder
+    from hirm_jax.encoder.layouts import load_text_encoder
     assert erase(tmp_path / "w", encoder_dir) == 0
     base = json.loads((tmp_path / "w" / "run.json").read_text())["base"]
     flat = masking.flatten(load_text_encoder(encoder_dir).params)
@@ -78,6 +80,7 @@ def hub_cache(root: Path, encoder_dir: Path, repo: str = "org/name") -> tuple[Pa
     return snapshot, commit
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_through_the_cache_and_run_json_records_the_revision(encoder_dir, tmp_path, monkeypatch,
                                                                                 capsys):
     import huggingface_hub.constants
@@ -120,6 +123,7 @@ def interrupted(encoder_dir, workdir: Path, steps: int) -> None:
     assert train_and_evaluate(c, workdir, stop_after=steps)["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_resumed_erase_writes_the_same_bytes(encoder_dir, tmp_path, capsys):
     assert erase(tmp_path / "full", encoder_dir, *RESUME_FLAGS) == 0
     interrupted(encoder_dir, tmp_path / "resumed", steps=3)
@@ -128,6 +132,7 @@ def test_resumed_erase_writes_the_same_bytes(encoder_dir, tmp_path, capsys):
     assert (tmp_path / "resumed" / "erased_trainable.safetensors").read_bytes() == full
 
 
+@pytest.mark.slow
 def test_a_torn_last_metrics_line_is_dropped_on_resume(encoder_dir, tmp_path, capsys):
     interrupted(encoder_dir, tmp_path / "w", steps=2)
     metrics = tmp_path / "w" / "metrics.jsonl"
@@ -161,6 +166,7 @@ def test_token_ids_beyond_the_vocabulary_name_the_prompt(encoder_dir, tmp_path, 
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_before_any_checkpoint_never_says_step_none(encoder_dir, tmp_path, capsys):
     assert erase(tmp_path / "w", encoder_dir, "--config.objective.scale=inf", "--config.train.epochs=1") == 2
     line = one_error_line(capsys, "NaN/inf at step 1", "No checkpoint had been saved yet")
@@ -169,6 +175,7 @@ def test_nan_loss_before_any_checkpoint_never_says_step_none(encoder_dir, tmp_pa
 
 # ----------------------------------------------------------------------------- 6: pickles
 
+@pytest.mark.slow
 def test_pickle_refusal_offers_erases_own_switch_and_the_switch_works(encoder_dir, tmp_path, capsys):
     import torch
     folder = tmp_path / "pickled"
@@ -196,6 +203,7 @@ def test_nested_field_typo_prints_the_message_not_its_repr(encoder_dir, tmp_path
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_dotted_concept_names_inline_with_a_case_insensitive_super_category(encoder_dir, tmp_path, monkeypatch,
                                                                              capsys):
     monkeypatch.chdir(tmp_path)  # and the shipped config by name, from a folder without configs/
@@ -263,6 +271,7 @@ def test_workdir_that_is_an_encoder_folder_is_refused_untouched(encoder_dir, tmp
     OSError(errno.ENOSPC, "No space left on device"),
     ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [os_error_code='28']"),
 ], ids=["oserror", "tensorstore"])
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_good_one(encoder_dir, tmp_path, monkeypatch,
                                                                                   capsys, failure):
     original, calls = ocp.CheckpointManager.save, []

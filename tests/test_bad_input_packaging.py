@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hirm_jax import export, hub
-from hirm_jax import generate as gen
+from hirm_jax import hub
+from hirm_jax.artifacts import export
+from hirm_jax.pipelines import generate as gen
 from hirm_jax.cli import main
 from hirm_jax.errors import InputMissingError
 from hirm_jax.evaluation import suites
@@ -75,6 +76,7 @@ def _run_isolated(args: list[str], cwd: Path, path: list[str], env_extra=None) -
     return subprocess.run([sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_wheel_holds_configs_and_data_but_no_tests_and_builds_quietly(wheel):
     path, log = wheel
     names = set(zipfile.ZipFile(path).namelist())
@@ -107,6 +109,7 @@ def test_installed_wheel_finds_its_shipped_configs_from_any_folder(wheel, tmp_pa
     assert names == sorted(p.name for p in (ROOT / "configs").glob("*.py")) and has_style
 
 
+@pytest.mark.slow
 def test_installed_erase_resolves_a_shipped_config_name(wheel, tmp_path):
     """`--config=sd14_style:hirm_s` from a folder without configs/ loads the shipped config: the run
     stops at its encoder (a hub id, unresolvable offline), not at the config name."""

@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from hirm_jax.cli import main
-from hirm_jax.weights import canonical_hf_state
+from hirm_jax.encoder.clip_weights import canonical_hf_state
 from tests.fixtures_pipelines import save_encoder_folder, save_sd_pipeline, tiny_encoder, tiny_tokenizer
 
 TINY_CONFIG = "configs/tiny.py"
@@ -22,6 +22,7 @@ def pipeline_dir(tmp_path_factory):
     return save_sd_pipeline(root / "pipeline", encoder_folder)
 
 
+@pytest.mark.slow
 def test_erase_export_apply_from_the_command_line(pipeline_dir, tmp_path, capsys):
     work = tmp_path / "work"
     args = ["erase", f"--config={TINY_CONFIG}", f"--workdir={work}", f"--config.encoder.path={pipeline_dir}",

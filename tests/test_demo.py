@@ -7,8 +7,9 @@ import pytest
 from hirm_jax.config_lib import ConfigError
 
 
+@pytest.mark.slow
 def test_demo_erases_the_concept_and_keeps_the_rest(tmp_path):
-    from hirm_jax.demo import run_demo
+    from hirm_jax.world.demo import run_demo
     report = run_demo("heart", "hirm_s", tmp_path / "demo", seeds_per_cell=1)
     before, after = report["before"], report["after"]
     assert before["UA"] <= 0.2  # the world draws hearts before erasure
@@ -23,7 +24,7 @@ def test_demo_erases_the_concept_and_keeps_the_rest(tmp_path):
 
 
 def test_unknown_concept_lists_the_available_ones(tmp_path):
-    from hirm_jax.demo import run_demo
+    from hirm_jax.world.demo import run_demo
     with pytest.raises(ConfigError, match=r"one of the world's objects \['circle'"):
         run_demo("unicorn", "hirm_s", tmp_path / "demo")
     assert not (tmp_path / "demo").exists()

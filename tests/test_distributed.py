@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hirm_jax.train import train_and_evaluate
+from hirm_jax.run import train_and_evaluate
 from tests.distributed_worker import CONCEPTS, make_config
 from tests.test_scale import assert_close, mesh_of, trained
 
@@ -89,6 +89,7 @@ def single_process_run(encoder_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mesh, chunk", list(CASES.values()), ids=list(CASES))
+@pytest.mark.slow
 def test_two_processes_equal_single_process(encoder_dir, single_process_run, tmp_path, mesh, chunk):
     workdir = tmp_path / "run"
     reports = run_workers(encoder_dir, workdir, mesh, chunk, tmp_path / "logs")

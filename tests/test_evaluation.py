@@ -14,10 +14,11 @@ from PIL import Image
 
 from tests.fixtures_pipelines import (TINY_BOS_ID, TINY_EOS_ID, TINY_VOCAB_SIZE, fabricate_workdir, save_encoder_folder,
                                 save_sd_pipeline, tiny_encoder, tiny_tokenizer)
-from hirm_jax import evaluation, export
+from hirm_jax import evaluation
+from hirm_jax.artifacts import export
 from hirm_jax.evaluation import coco, metrics, suites, unlearncanvas
 from hirm_jax.evaluation.results import RESULTS_JSON, RESULTS_MD, GRID_PNG
-from hirm_jax.generate import GENERATION, MANIFEST, derive_seed
+from hirm_jax.pipelines.generate import GENERATION, MANIFEST, derive_seed
 
 
 def fabricate_images(folder: Path, items, concepts=None, suite=None) -> Path:
@@ -151,6 +152,7 @@ def sd_pipeline(tmp_path_factory):
     return pipeline, export.export_delta(workdir, tmp / "delta")
 
 
+@pytest.mark.slow
 def test_nudenet_runs_on_generated_images_with_its_threshold_recorded(sd_pipeline, tmp_path):
     pytest.importorskip("nudenet", reason="NudeNet is in the [eval] extra: pip install -e '.[eval]'")
     pipeline, delta = sd_pipeline

@@ -15,11 +15,12 @@ from safetensors.numpy import load_file
 
 from tests.fixtures_pipelines import (TINY_CONFIG_PROJ, fabricate_workdir, save_encoder_folder, save_sd_pipeline,
                                 tiny_encoder, tiny_sd_pipeline, tiny_tokenizer)
-from hirm_jax import export
-from hirm_jax.delta import fingerprint, round_to
+from hirm_jax.artifacts import export
+from hirm_jax.pipelines.patch import apply_delta_to_pipeline
+from hirm_jax.artifacts.delta import fingerprint, round_to
 from hirm_jax.errors import OutputError
-from hirm_jax.masking import flatten
-from hirm_jax.weights import canonical_hf_state, expand_table
+from hirm_jax.erase.masking import flatten
+from hirm_jax.encoder.clip_weights import canonical_hf_state, expand_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,6 +135,7 @@ def test_tampered_delta_is_refused(world):
         export.apply_delta(tampered, world.enc32, world.tmp / "from-tampered")
 
 
+@pytest.mark.slow
 def test_export_full_loads_in_transformers_and_matches_flax(world):
     import torch
     from transformers import CLIPTextModel
@@ -153,7 +155,7 @@ def test_in_memory_apply_equals_exported_pipeline(world):
 
     exported = export.export_pipeline(world.work32, world.pipe32, world.tmp / "exported-pipe")
     reloaded = StableDiffusionPipeline.from_pretrained(str(exported), safety_checker=None, requires_safety_checker=False)
-    pipe = export.apply_delta_to_pipeline(tiny_sd_pipeline(world.enc32), world.delta32)
+    pipe = apply_delta_to_pipeline(tiny_sd_pipeline(world.enc32), world.delta32)
     got, want = pipe.text_encoder.state_dict(), reloaded.text_encoder.state_dict()
     assert sorted(got) == sorted(want)
     for key in want:
@@ -172,7 +174,7 @@ def test_in_memory_apply_to_half_precision_module(tmp_path, precision):
     delta = export.export_delta(workdir, tmp_path / "delta")
     dtype = getattr(torch, precision)
     module = CLIPTextModel.from_pretrained(str(folder), torch_dtype=dtype)
-    export.apply_delta_to_pipeline(module, delta)
+    apply_delta_to_pipeline(module, delta)
     q = module.state_dict()["encoder.layers.0.self_attn.q_proj.weight"]
     assert q.dtype == dtype
     want = torch.from_numpy(trained["encoder/layers/0/self_attn/q_proj/kernel"].T.copy()).to(dtype)
@@ -184,7 +186,7 @@ def test_in_memory_apply_to_half_precision_module(tmp_path, precision):
     other = CLIPTextModel.from_pretrained(str(save_encoder_folder(tiny_encoder(seed=4), tmp_path / "other")))
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(export.FingerprintError, match="No weight was changed"):
-        export.apply_delta_to_pipeline(other, delta)
+        apply_delta_to_pipeline(other, delta)
     assert all(before[k].equal(v) for k, v in other.state_dict().items())
 
 
@@ -206,11 +208,11 @@ def test_text_encoder_2_with_projection(tmp_path):
 
     module = CLIPTextModelWithProjection.from_pretrained(str(out / "text_encoder_2"))
     pipe = types.SimpleNamespace(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(str(pipe_dir / "text_encoder_2")))
-    export.apply_delta_to_pipeline(pipe, delta)
+    apply_delta_to_pipeline(pipe, delta)
     for key, value in module.state_dict().items():
         assert pipe.text_encoder_2.state_dict()[key].equal(value), key
     with pytest.raises(export.DeltaError, match="no text encoder named"):
-        export.apply_delta_to_pipeline(types.SimpleNamespace(text_encoder=module), delta)
+        apply_delta_to_pipeline(types.SimpleNamespace(text_encoder=module), delta)
 
 
 def test_load_run_explains_a_missing_or_broken_workdir(world, tmp_path):
@@ -237,7 +239,7 @@ def test_load_run_explains_a_missing_or_broken_workdir(world, tmp_path):
 
 def test_apply_delta_needs_neither_jax_nor_torch(world):
     code = ("import sys; sys.modules['jax'] = sys.modules['torch'] = sys.modules['flax'] = None\n"
-            "from hirm_jax.delta import apply_delta\n"
+            "from hirm_jax.artifacts.delta import apply_delta\n"
             f"apply_delta({str(world.delta32)!r}, {str(world.enc32)!r}, {str(world.tmp / 'nojax')!r})\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -293,10 +295,11 @@ def test_sharded_symlinked_and_variant_checkpoints_are_all_patched(world, tmp_pa
         export.apply_delta(world.delta32, snap, snap / "inside")
 
 
+@pytest.mark.slow
 def test_a_real_erase_workdir_exports_and_applies(world, tmp_path):
     """The trainer's workdir (configs/tiny.py) meets this module's contract end to end."""
     from hirm_jax.config_lib import base_config
-    from hirm_jax.train import train_and_evaluate
+    from hirm_jax.run import train_and_evaluate
 
     folder = tmp_path / "enc"
     shutil.copytree(world.enc32, folder)

@@ -18,8 +18,9 @@ from safetensors.numpy import save_file
 
 from tests.fixtures_pipelines import (TINY_CONFIG_PROJ, fabricate_workdir, save_encoder_folder, save_sd_pipeline,
                                 tiny_encoder, tiny_flux_pipeline, tiny_sdxl_pipeline)
-from hirm_jax import export, generate as gen
-from hirm_jax.delta import DELTA_CONFIG, DELTA_WEIGHTS, DeltaError, FingerprintError, fingerprint
+from hirm_jax.artifacts import export
+from hirm_jax.pipelines import generate as gen
+from hirm_jax.artifacts.delta import DELTA_CONFIG, DELTA_WEIGHTS, DeltaError, FingerprintError, fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of a cat", "a dog by the sea"]
@@ -72,6 +73,7 @@ def _images(pipe_dir, deltas=()) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "flux"])
+@pytest.mark.slow
 def test_delta_in_memory_equals_exported_pipeline_and_zero_delta_equals_original(family, tmp_path):
     world = _family(tmp_path, family)
     original = _images(world.pipeline)
@@ -103,15 +105,16 @@ def _run_cli(args, processes=1, env_extra=None):
     env.pop("XLA_FLAGS", None)
     env.update(env_extra or {})
     if processes == 1:
-        command = [sys.executable, "-m", "hirm_jax.generate", *args]
+        command = [sys.executable, "-m", "hirm_jax.cli", "generate", *args]
     else:
         # --multi_gpu selects accelerate's torchrun launcher; without a GPU each process runs on CPU with gloo.
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
                    "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29517",
-                   "-m", "hirm_jax.generate", *args]
+                   "-m", "hirm_jax.generate", *args]  # the 0.1 module path (hirm_jax._compat runs the command)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_images_and_manifest_as_one(sd, tmp_path):
     common = [f"--pipeline={sd.pipeline}", f"--delta={sd.deltas[0]}", f"--prompts={sd.prompts}", "--steps=2",
               "--height=32", "--width=32", "--images-per-prompt=2", "--seed=3"]
@@ -146,6 +149,7 @@ def test_resume_skips_existing_images_and_refuses_other_settings(sd, tmp_path):
         gen.generate(sd.pipeline, rows, out, **{**kwargs, "steps": 3})
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors(sd, tmp_path):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("id,text_prompt\n1,a cat\n")

@@ -21,8 +21,8 @@ import torch
 from safetensors.numpy import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from hirm_jax.layouts import load_text_encoder, save_flax_checkpoint, save_text_encoder
-from hirm_jax.weights import WeightsError, canonical_hf_state, hf_to_flax
+from hirm_jax.encoder.layouts import load_text_encoder, save_flax_checkpoint, save_text_encoder
+from hirm_jax.encoder.clip_weights import WeightsError, canonical_hf_state, hf_to_flax
 from tests.test_weights import assert_same_state, to_openclip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,12 +181,12 @@ def test_round_trip_is_bit_exact(source, models, tmp_path):
     assert_same_params(again.params, encoder.params)
 
 
-def test_sd2_uses_the_penultimate_block_and_says_so(models, tmp_path, caplog):
-    caplog.set_level("INFO")
+def test_sd2_uses_the_penultimate_block_and_says_so(models, tmp_path, capsys):
     src = src_sd2(tmp_path, models)[0]
     encoder = load_text_encoder(src)
-    assert "keeping 2 of 3 OpenCLIP blocks" in caplog.text
-    assert "has no config.json: inferred 2 layers, width 128, 2 heads" in caplog.text
+    said = capsys.readouterr().err
+    assert "keeping 2 of 3 OpenCLIP blocks" in said
+    assert "has no config.json: inferred 2 layers, width 128, 2 heads" in said
     ids = np.array([[0, 5, 6, 7, 999] + [999] * 72])
     bigg = models["bigg"]
     with torch.no_grad():
@@ -301,6 +301,7 @@ def test_bad_flax_checkpoint_to_torch_exits_2(models, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_command_line_round_trip(models, tmp_path):
     """The scripts run as scripts: single file -> Flax (subprocess) -> transformers folder."""
     src = src_sdxl_text_encoder_2(tmp_path, models)[0]
@@ -343,12 +344,13 @@ print("ok", transformers.__version__)
 """
 
 
+@pytest.mark.slow
 def test_exports_load_in_transformers_4(models, tmp_path):
     python = os.environ.get("HIRM_TF4_PYTHON")
     if not python:
         pytest.skip("HIRM_TF4_PYTHON is unset: set it to a python with transformers==4.57.* and torch "
                     "to check that exported folders load under transformers 4.x")
-    from hirm_jax.tokenizer import build_clip_tokenizer
+    from hirm_jax.encoder.tokenizer import build_clip_tokenizer
     ids = np.array([[0, 5, 6, 7, 999] + [999] * 72, [0, 9, 999] + [0] * 74])
     expected = dict(ids=ids)
     for name, source in (("te", "clip_l"), ("te2", "bigg")):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from hirm_jax.model import CLIPTextTransformer, TextEncoder, TextEncoderConfig, pooled_positions
-from hirm_jax.weights import hf_to_flax
+from hirm_jax.encoder.clip import CLIPTextTransformer, TextEncoder, TextEncoderConfig, pooled_positions
+from hirm_jax.encoder.clip_weights import hf_to_flax
 
 TOL = 1e-4
 LENGTH = 77
@@ -90,6 +90,7 @@ def torch_outputs(model, ids, mask) -> dict:
 
 
 @pytest.mark.parametrize("rule", sorted(EOS_RULES))
+@pytest.mark.slow
 def test_parity_with_transformers(family_model, rule):
     family, model, config, params = family_model
     config = with_rule(model, config, rule)

@@ -10,11 +10,13 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from configs import tiny
-from hirm_jax import masking, sharding
+from hirm_jax.erase import masking
+from hirm_jax.erase import sharding
 from hirm_jax.config_lib import ConfigError
-from hirm_jax.layouts import load_text_encoder
-from hirm_jax.tokenizer import PromptTooLongError
-from hirm_jax.train import setup_run, train_and_evaluate
+from hirm_jax.encoder.layouts import load_text_encoder
+from hirm_jax.encoder.tokenizer import PromptTooLongError
+from hirm_jax.erase.setup import plan_erase
+from hirm_jax.run import train_and_evaluate
 
 CONCEPTS = ("Van Gogh", "Monet", "Picasso", "Rembrandt", "Hokusai")
 
@@ -61,6 +63,7 @@ def assert_close(a, b, tol=1e-4):
             np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol, err_msg=k)
 
 
+@pytest.mark.slow
 def test_data_and_fsdp_parallel_equal_single_device(encoder_dir, tmp_path):
     # 3 templates x 2 concepts = 6 prompts per step... use 2 templates x 2 concepts = 4, split over data=4
     config = config_for(encoder_dir, concepts=("Van Gogh", "Monet"))
@@ -70,15 +73,16 @@ def test_data_and_fsdp_parallel_equal_single_device(encoder_dir, tmp_path):
     assert_close(trained(tmp_path / "one"), trained(tmp_path / "dp"))
 
 
+@pytest.mark.slow
 def test_batch_erasure_equals_solo_and_output_shardings(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS, joint=False)
     mesh = mesh_of(8, concept=4, data=2)
-    run = setup_run(config, mesh)
-    assert run.jobs.num_jobs == 5 and run.state["bad_step"].shape == (8,)  # 5 jobs padded to 8
+    run = plan_erase(config, mesh)
+    assert run.jobs.num_jobs == 5 and run.new_state()["bad_step"].shape == (8,)  # 5 jobs padded to 8
     base_frozen = {k: np.asarray(v) for k, v in run.frozen.items()}
-    state = run.state
+    state = run.new_state()
     for step in range(3):
-        state, _ = run.step_fn(state, *run.step_args(run.per_job, step))
+        state, _ = run.step_fn(state, *run.step_args(run.place_jobs(*run.chunks[0]), step))
     for leaf in jax.tree_util.tree_leaves(state["trainable"]):
         assert leaf.sharding.spec == P("concept") and leaf.sharding.mesh.shape["concept"] == 4
     for k, v in run.frozen.items():  # frozen parameters are bit-identical
@@ -94,6 +98,7 @@ def test_batch_erasure_equals_solo_and_output_shardings(encoder_dir, tmp_path):
     assert run_json["concepts"] == ["Monet"] and run_json["anchors"] == {"Monet": "painting"}
 
 
+@pytest.mark.slow
 def test_batched_sharded_resume_on_another_mesh(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS[:3], joint=False)
     train_and_evaluate(config, tmp_path / "full", mesh=mesh_of(8, concept=4, data=2))
@@ -106,6 +111,7 @@ def test_batched_sharded_resume_on_another_mesh(encoder_dir, tmp_path):
         assert_close(a, b, tol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_batch_equals_one_step_and_resumes_mid_chunk(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS, joint=False)
     train_and_evaluate(config, tmp_path / "all", mesh=mesh_of(8, concept=4, data=2))
@@ -126,14 +132,15 @@ def test_chunked_batch_equals_one_step_and_resumes_mid_chunk(encoder_dir, tmp_pa
         train_and_evaluate(config, tmp_path / "joint")
 
 
+@pytest.mark.slow
 def test_auto_chunk_is_the_largest_that_fits_the_budget(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS, joint=False)
     mesh = mesh_of(2, concept=2)
 
     def step_bytes(chunk):
         config.train.concepts_per_chunk = chunk
-        run = setup_run(config, mesh)
-        return sharding.step_bytes(run.step_fn.lower(run.state, *run.step_args(run.per_job, 0)).compile())
+        run = plan_erase(config, mesh)
+        return sharding.step_bytes(run.step_fn.lower(run.new_state(), *run.step_args(run.place_jobs(*run.chunks[0]), 0)).compile())
     four, six = step_bytes(4), step_bytes(6)  # 2 and 3 concepts per device
     assert six > four
     config.train.concepts_per_chunk = -1
@@ -143,9 +150,10 @@ def test_auto_chunk_is_the_largest_that_fits_the_budget(encoder_dir, tmp_path):
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["concepts_per_chunk"] == 4
     config.train.memory_budget_gib = four / 4 / 2**30
     with pytest.raises(ConfigError, match="one concept per device needs .* GiB per device but the memory budget"):
-        setup_run(config, mesh)
+        plan_erase(config, mesh)
 
 
+@pytest.mark.slow
 def test_frozen_untouched_after_full_run(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS[:2], joint=False)
     train_and_evaluate(config, tmp_path / "run", mesh=mesh_of(8, concept=2, data=2, fsdp=2))
@@ -184,6 +192,7 @@ def test_mesh_rules():
         sharding.mesh_shape(cfg(concept=2, data=2), 8)
 
 
+@pytest.mark.slow
 def test_joint_beats_averaged_deltas_and_batch_summary(encoder_dir, tmp_path):
     from hirm_jax.cli import main
     concepts = CONCEPTS[:3]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from hirm_jax.layouts import load_text_encoder, save_text_encoder
-from hirm_jax.tokenizer import PromptTooLongError, build_clip_tokenizer, encode_prompts
+from hirm_jax.encoder.layouts import load_text_encoder, save_text_encoder
+from hirm_jax.encoder.tokenizer import PromptTooLongError, build_clip_tokenizer, encode_prompts
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 

@@ -6,7 +6,6 @@ padding masks, at 77 and 512 positions and at T5-XXL width. Round trips are bit-
 """
 
 import json
-import logging
 import time
 
 import jax
@@ -19,11 +18,12 @@ transformers = pytest.importorskip("transformers")
 
 from hirm_jax.errors import HirmError, OutputError  # noqa: E402
 from hirm_jax.fileio import save_safetensors  # noqa: E402
-from hirm_jax.t5 import T5Encoder, T5EncoderConfig, relative_position_buckets  # noqa: E402
-from hirm_jax.layouts import WEIGHTS_INDEX_NAME, load_text_encoder, save_text_encoder  # noqa: E402
-from hirm_jax.t5_weights import (T5_MAPPING_TABLE, expand_t5_table, load_t5_folder, save_t5_folder,  # noqa: E402
+from hirm_jax.encoder.t5 import T5Encoder, T5EncoderConfig, relative_position_buckets  # noqa: E402
+from hirm_jax.encoder.files import WEIGHTS_INDEX_NAME  # noqa: E402
+from hirm_jax.encoder.layouts import load_text_encoder, save_text_encoder  # noqa: E402
+from hirm_jax.encoder.t5_weights import (T5_MAPPING_TABLE, expand_t5_table, load_t5_folder, save_t5_folder,  # noqa: E402
                                  t5_flax_to_hf, t5_hf_to_flax)
-from hirm_jax.weights import WeightsError  # noqa: E402
+from hirm_jax.encoder.clip_weights import WeightsError  # noqa: E402
 
 SMALL = dict(vocab_size=200, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4)
 CONFIGS = {
@@ -185,6 +185,7 @@ def torch_model_from_state(config: T5EncoderConfig, state: dict[str, np.ndarray]
     return model.eval()
 
 
+@pytest.mark.slow
 def test_parity_at_t5_xxl_width():
     """T5-XXL's width (d_model 4096, d_ff 10240, 64 heads of 64) with 2 layers and a small vocabulary."""
     start = time.perf_counter()
@@ -222,6 +223,7 @@ def test_bfloat16_compute_stays_close_to_float32(models):
     np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(bf16["last_hidden_state"], np.float32))
 
 
+@pytest.mark.slow
 def test_apply_is_pure_and_differentiable(models):
     _, encoder = models["v1_1"]
     ids, mask = padded_prompts(16, [16, 6], encoder.config.vocab_size)
@@ -233,6 +235,7 @@ def test_apply_is_pure_and_differentiable(models):
     assert float(jnp.max(jnp.abs(bias_grad))) > 0  # the shared table is used (and trained) by every block
 
 
+@pytest.mark.slow
 def test_init_draws_what_transformers_loads(models):
     """T5Encoder.init gives every tensor transformers' T5EncoderModel has, with its shape and
     roughly its initial scale (norms 1, shared N(0, 1), q N(0, (d_model d_kv)^-1/2), ...)."""
@@ -266,10 +269,9 @@ def test_config_round_trips_through_hf_dict():
         T5EncoderConfig(feed_forward_proj="gated-gelu-x")
 
 
-def test_inconsistent_activation_fields_follow_feed_forward_proj(caplog):
-    with caplog.at_level(logging.WARNING):
-        config = T5EncoderConfig.from_hf_dict({**T5_XXL_CONFIG_JSON, "dense_act_fn": "relu"})
-    assert config.dense_act_fn == "gelu_new" and "feed_forward_proj" in caplog.text
+def test_inconsistent_activation_fields_follow_feed_forward_proj(capsys):
+    config = T5EncoderConfig.from_hf_dict({**T5_XXL_CONFIG_JSON, "dense_act_fn": "relu"})
+    assert config.dense_act_fn == "gelu_new" and "feed_forward_proj" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -295,6 +297,7 @@ def assert_same_params(got, want):
         assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b), path
 
 
+@pytest.mark.slow
 def test_flax_folder_flax_is_bit_exact_and_byte_deterministic(tmp_path):
     encoder = T5Encoder.init(CONFIGS["v1_1"], seed=5)
     first = save_t5_folder(encoder, tmp_path / "a")
@@ -448,13 +451,12 @@ def test_bad_keys_and_shapes_are_named(models):
         t5_flax_to_hf(params, config)
 
 
-def test_full_t5_checkpoint_decoder_is_ignored(models, caplog):
+def test_full_t5_checkpoint_decoder_is_ignored(models, capsys):
     model, encoder = models["v1_1"]
     state = {**numpy_state(model), "decoder.block.0.layer.0.SelfAttention.q.weight": np.zeros((64, 64)),
              "lm_head.weight": np.zeros((200, 64))}
-    with caplog.at_level(logging.INFO):
-        assert_same_params(t5_hf_to_flax(state, encoder.config), encoder.params)
-    assert "ignoring 2 decoder" in caplog.text
+    assert_same_params(t5_hf_to_flax(state, encoder.config), encoder.params)
+    assert "ignoring 2 decoder" in capsys.readouterr().err
 
 
 def test_folder_refusals(models, tmp_path):

@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from hirm_jax import masking, objectives
-from hirm_jax.architectures import architecture
+from hirm_jax.erase import masking
+from hirm_jax.erase import objectives
+from hirm_jax.encoder.architectures import architecture
 from hirm_jax.cli import main
-from hirm_jax.export import load_run
-from hirm_jax.t5 import T5Encoder, T5EncoderConfig
-from hirm_jax.t5_weights import expand_t5_table, save_t5_folder
-from hirm_jax.tokenizer import load_t5_tokenizer
+from hirm_jax.artifacts.export import load_run
+from hirm_jax.encoder.t5 import T5Encoder, T5EncoderConfig
+from hirm_jax.encoder.t5_weights import expand_t5_table, save_t5_folder
+from hirm_jax.encoder.tokenizer import load_t5_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
@@ -129,6 +130,7 @@ def movement(workdir: Path, tokenizer, targets_for) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_t5_hirm_s_moves_concept_toward_its_anchor(erased_s, t5_dir):
     tokenizer = load_t5_tokenizer(t5_dir)
     anchors = lambda run, tok: hook_reps(run.base, run.base.params, tok, [t.format(ANCHOR) for t in TEMPLATES])
@@ -144,8 +146,9 @@ def test_t5_hirm_s_moves_concept_toward_its_anchor(erased_s, t5_dir):
     assert report["sets"]["targets"]["cos_to_target"]["mean"] > report["sets"]["targets"]["cos_to_target_before"]["mean"]
 
 
+@pytest.mark.slow
 def test_t5_hirm_r_moves_concept_toward_the_random_target(erased_r, t5_dir):
-    from hirm_jax.problem import concept_key
+    from hirm_jax.erase.jobs import concept_key
     tokenizer = load_t5_tokenizer(t5_dir)
     config = json.loads((erased_r / "config.json").read_text())
     scale = config["objective"]["scale"]
@@ -179,6 +182,7 @@ def test_t5_only_block0_own_leaves_train_the_rest_is_bit_identical_to_the_base_f
     assert not trained_keys & {k for k in base if not k.startswith("encoder.block.0.")}
 
 
+@pytest.mark.slow
 def test_t5_delta_applies_to_the_folder_and_matches_the_flax_erased_encoder(erased_s, t5_dir, tmp_path):
     import torch
     from transformers import T5EncoderModel
@@ -200,6 +204,7 @@ def test_t5_delta_applies_to_the_folder_and_matches_the_flax_erased_encoder(eras
     assert np.abs(base_out - flax_out).max() > 1e-2  # the applied delta is not the base
 
 
+@pytest.mark.slow
 def test_t5_erase_from_a_pipeline_text_encoder_2(t5_dir, tmp_path):
     import torch
     from transformers import T5EncoderModel
@@ -228,6 +233,7 @@ def test_t5_erase_from_a_pipeline_text_encoder_2(t5_dir, tmp_path):
     np.testing.assert_allclose(torch_out, flax_out, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_t5_hirm_s_vector_with_frozen_leaves_split_over_fsdp(t5_dir, tmp_path):
     pairs = write_lines(tmp_path / "pairs.tsv", ["a painting by van gogh\ta painting", "van gogh\tpainting"])
     workdir = tmp_path / "w"
@@ -253,6 +259,7 @@ def test_t5_prompt_longer_than_max_length_is_an_error_naming_it(t5_dir, tmp_path
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_t5_selection_and_positions():
     """Unit level: the module names select block 0's own leaves, never the shared bias (a regex
     can); T5 has no BOS, so all_but_bos weighs every position."""

@@ -2,14 +2,14 @@
 equals the unsharded one, and places what it should where it should.
 
 A tiny random T5 (d_model 64, 3 blocks, the tiny tokenizer of tests/test_t5_erase.py), two
-concepts erased as independent jobs (joint=False), three steps of `setup_run`'s jitted step:
+concepts erased as independent jobs (joint=False), three steps of `plan_erase`'s jitted step:
 - on meshes (concept 2, fsdp 4) and (concept 1, fsdp 8) the losses and the updated trainable
   leaves equal those of a single device within 1e-6;
 - every frozen leaf is split over fsdp (its spec names "fsdp", its shards are 1/fsdp of it);
   the trainable leaves and their Adam moments are split over concept and fsdp by the same rule,
   before and after the step (sharding.job_state);
 - bench/bench_t5_memory.py's abstract builder (ShapeDtypeStruct arguments, no weights) lowers to
-  exactly the HLO of setup_run's step, so the T5-XXL memory numbers measure what users run.
+  exactly the HLO of plan_erase's step, so the T5-XXL memory numbers measure what users run.
 """
 
 import importlib.util
@@ -21,8 +21,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from hirm_jax import sharding
-from hirm_jax.train import setup_run
+from hirm_jax.erase import sharding
+from hirm_jax.erase.setup import plan_erase
 from tests.test_t5_erase import MAX_LENGTH, t5_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,17 +51,17 @@ def mesh_of(devices, concept=1, data=1, fsdp=1):
 
 
 def run_steps(run, steps=STEPS):
-    state, losses = run.state, []
+    state, losses = run.new_state(), []
     for step in range(steps):
-        state, metrics = run.step_fn(state, *run.step_args(run.per_job, step))
+        state, metrics = run.step_fn(state, *run.step_args(run.place_jobs(*run.chunks[0]), step))
         losses.append(np.asarray(metrics["loss"])[: run.jobs.num_jobs])
     return state, np.stack(losses)
 
 
 @pytest.fixture(scope="module")
 def unsharded(t5_dir):
-    run = setup_run(config_for(t5_dir), mesh_of(1))
-    base = {k: np.asarray(v) for k, v in run.state["trainable"].items()}  # (the step donates the state)
+    run = plan_erase(config_for(t5_dir), mesh_of(1))
+    base = {k: np.asarray(v) for k, v in run.new_state()["trainable"].items()}  # (the step donates the state)
     state, losses = run_steps(run)
     nu = state["opt_state"][0].nu  # optax.adam: (ScaleByAdamState(count, mu, nu), EmptyState())
     return ({k: np.asarray(v) for k, v in state["trainable"].items()}, losses, base,
@@ -78,8 +78,9 @@ def assert_split(leaf, spec, fsdp):
 
 
 @pytest.mark.parametrize("concept,fsdp", [(2, 4), (1, 8)])
+@pytest.mark.slow
 def test_t5_step_sharded_over_fsdp_and_concepts_equals_unsharded(t5_dir, unsharded, concept, fsdp):
-    run = setup_run(config_for(t5_dir), mesh_of(8, concept=concept, fsdp=fsdp))
+    run = plan_erase(config_for(t5_dir), mesh_of(8, concept=concept, fsdp=fsdp))
     assert dict(run.mesh.shape) == dict(concept=concept, data=8 // concept // fsdp, fsdp=fsdp)
 
     # every frozen leaf of this T5 (vocab 120, d_model 64, d_ff 128, 8 buckets x 4 heads) divides
@@ -100,7 +101,7 @@ def test_t5_step_sharded_over_fsdp_and_concepts_equals_unsharded(t5_dir, unshard
                 assert leaf.sharding.shard_shape(leaf.shape)[0] == leaf.shape[0] // concept
         assert state["bad_step"].sharding.spec == P("concept")
 
-    check_state(run.state)
+    check_state(run.new_state())
     state, losses = run_steps(run)
     check_state(state)
 
@@ -119,13 +120,13 @@ def test_t5_step_sharded_over_fsdp_and_concepts_equals_unsharded(t5_dir, unshard
         assert (diff > 1e-6).mean() < 1e-3, (path, int((diff > 1e-6).sum()))
 
 
-def test_bench_abstract_step_lowers_to_setup_runs_step(t5_dir):
+def test_bench_abstract_step_lowers_to_plan_erases_step(t5_dir):
     spec = importlib.util.spec_from_file_location("bench_t5_memory", REPO / "bench" / "bench_t5_memory.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    run = setup_run(config_for(t5_dir), mesh_of(8, concept=2, fsdp=4))
+    run = plan_erase(config_for(t5_dir), mesh_of(8, concept=2, fsdp=4))
     step_fn, args = bench.build_abstract_step(run.config, run.encoder.config, run.mesh, run.jobs.num_jobs,
                                               run.jobs.prompts_per_job)
     ours = step_fn.lower(*args).as_text()
-    theirs = run.step_fn.lower(run.state, *run.step_args(run.per_job, 0)).as_text()
+    theirs = run.step_fn.lower(run.new_state(), *run.step_args(run.place_jobs(*run.chunks[0]), 0)).as_text()
     assert ours == theirs

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from tests.fixtures_pipelines import fabricate_workdir, perturb_block, save_encoder_folder, tiny_encoder, tiny_tokenizer
-from hirm_jax import config_lib, textreport
-from hirm_jax.masking import flatten, unflatten
+from hirm_jax import config_lib
+from hirm_jax.report import textreport
+from hirm_jax.erase.masking import flatten, unflatten
 from hirm_jax.resources import data_path
 
 TARGETS = ["Van Gogh", "a painting by Van Gogh"]
@@ -26,7 +27,8 @@ def tokenizer():
 
 
 def test_unchanged_encoder_has_no_drift_and_files_are_written(base, tokenizer, tmp_path):
-    report = textreport.text_report(base, base.params, tokenizer, TARGETS, ORDINARY, PARAPHRASES, out_dir=tmp_path)
+    report = textreport.text_report(base, base.params, tokenizer, textreport.PromptSets(TARGETS, ORDINARY, PARAPHRASES))
+    textreport.write_report(report, tmp_path)
     for name in ("targets", "paraphrases", "ordinary"):
         s = report["sets"][name]
         assert s["drift"]["max"] == 0.0
@@ -46,8 +48,9 @@ def test_perturbed_block_drifts_toward_its_target(base, tokenizer):
     erased = unflatten({**flatten(base.params), **perturb_block(base.params, scale=0.2)})
     hook_dim = base.config.hidden_size
     shared_target = np.random.default_rng(0).standard_normal((77, hook_dim)).astype(np.float32)
-    report = textreport.text_report(base, erased, tokenizer, TARGETS, ORDINARY, PARAPHRASES,
-                                    targets=shared_target, hook="final_ln")
+    sets = textreport.PromptSets(TARGETS, ORDINARY, PARAPHRASES, targets=shared_target)
+    at_final_ln = textreport.ReportOptions(hook="final_ln")
+    report = textreport.text_report(base, erased, tokenizer, sets, at_final_ln)
     for name in ("targets", "paraphrases", "ordinary"):
         s = report["sets"][name]
         assert s["drift"]["min"] > 0 and s["cos_to_original"]["max"] < 1.0
@@ -57,12 +60,10 @@ def test_perturbed_block_drifts_toward_its_target(base, tokenizer):
         report["sets"]["targets"]["drift"]["mean"] / report["sets"]["ordinary"]["drift"]["mean"])
     # a batch shares the base encoder's pass over the ordinary prompts (and only those) between reports
     originals = {}
-    first = textreport.text_report(base, erased, tokenizer, TARGETS, ORDINARY, PARAPHRASES,
-                                   targets=shared_target, hook="final_ln", originals=originals)
+    first = textreport.text_report(base, erased, tokenizer, sets, at_final_ln, originals=originals)
     assert sorted(originals) == sorted(ORDINARY)
     originals = {p: v + 1.0 for p, v in originals.items()}  # the memo is what the next report reads
-    second = textreport.text_report(base, erased, tokenizer, TARGETS, ORDINARY, PARAPHRASES,
-                                    targets=shared_target, hook="final_ln", originals=originals)
+    second = textreport.text_report(base, erased, tokenizer, sets, at_final_ln, originals=originals)
     assert first["sets"] == report["sets"] and second["sets"]["targets"] == report["sets"]["targets"]
     assert second["sets"]["ordinary"]["drift"] != report["sets"]["ordinary"]["drift"]
 

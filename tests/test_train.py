@@ -10,11 +10,14 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import tiny
-from hirm_jax import masking, objectives
+from hirm_jax.erase import masking
+from hirm_jax.erase import objectives
 from hirm_jax.config_lib import ConfigError
-from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.tokenizer import PromptTooLongError
-from hirm_jax.train import NonFiniteLossError, init_state, make_loss_fn, make_optimizer, make_train_step, train_and_evaluate
+from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
+from hirm_jax.encoder.tokenizer import PromptTooLongError
+from hirm_jax.erase.loop import NonFiniteLossError
+from hirm_jax.erase.step import init_state, make_loss_fn, make_optimizer, make_train_step
+from hirm_jax.run import train_and_evaluate
 
 TINY = TextEncoderConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 
@@ -33,14 +36,15 @@ def erased_params(encoder, workdir):
 
 
 def final_reps(encoder, params, tokenizer_dir, texts, hook):
-    from hirm_jax.prompts import load_tokenizer
-    from hirm_jax.tokenizer import encode_prompts
+    from hirm_jax.erase.prompts import load_tokenizer
+    from hirm_jax.encoder.tokenizer import encode_prompts
     batch = encode_prompts(load_tokenizer(tokenizer_dir), texts)
     return np.asarray(objectives.read_hook(encoder.apply(params, batch["input_ids"]), hook))
 
 
+@pytest.mark.slow
 def test_only_early_block_moves_and_targets_are_reached(encoder_dir, tmp_path):
-    from hirm_jax.layouts import load_text_encoder
+    from hirm_jax.encoder.layouts import load_text_encoder
     summary = train_and_evaluate(tiny_config(encoder_dir), tmp_path / "run")
     base = load_text_encoder(encoder_dir)
     params = erased_params(base, tmp_path / "run")
@@ -101,6 +105,7 @@ def test_step_traces_once_and_frozen_is_untouched():
         assert np.asarray(v).tobytes() == frozen_copy[p].tobytes()
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(encoder_dir, tmp_path):
     config = tiny_config(encoder_dir, batch_size=2)  # 3 prompts, 2 per step: shuffled, padded batches
     train_and_evaluate(config, tmp_path / "full")
@@ -116,7 +121,7 @@ def test_resume_is_bit_identical(encoder_dir, tmp_path):
 
 
 def test_hirm_r_targets_are_scaled_unit_vectors_per_concept(encoder_dir):
-    from hirm_jax.problem import concept_key
+    from hirm_jax.erase.jobs import concept_key
     v = objectives.random_targets(concept_key(0, "Van Gogh|last_mlp_out"), 77, 64, "uniform")
     np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
     assert (np.asarray(v) >= 0).all()  # RMU: uniform [0, 1) then normalised
@@ -126,6 +131,7 @@ def test_hirm_r_targets_are_scaled_unit_vectors_per_concept(encoder_dir):
     assert np.asarray(v).tobytes() == np.asarray(again).tobytes()
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_clear_error(encoder_dir, tmp_path):
     config = tiny_config(encoder_dir)
     config.objective.scale = float("inf")
@@ -156,9 +162,10 @@ def test_unknown_config_field_is_an_error():
         c.train.epochs_typo = 3
 
 
+@pytest.mark.slow
 def test_preservation_term_reduces_drift(encoder_dir, tmp_path):
-    from hirm_jax.layouts import load_text_encoder
-    from hirm_jax.prompts import read_lines
+    from hirm_jax.encoder.layouts import load_text_encoder
+    from hirm_jax.erase.prompts import read_lines
     from hirm_jax.resources import data_path
     retain = read_lines(data_path("ordinary_prompts.txt"), "ordinary prompts")[:16]
     base = load_text_encoder(encoder_dir)

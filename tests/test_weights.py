@@ -7,8 +7,8 @@ projection), written independently of hirm_jax's table.
 import numpy as np
 import pytest
 
-from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.weights import (MAPPING_TABLE, WeightsError, canonical_hf_state, expand_table, flax_to_hf,
+from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
+from hirm_jax.encoder.clip_weights import (MAPPING_TABLE, WeightsError, canonical_hf_state, expand_table, flax_to_hf,
                               hf_to_flax, infer_config, openclip_to_hf)
 
 TINY = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
@@ -76,6 +76,7 @@ def test_table_produces_every_leaf_exactly_once(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_hf_flax_round_trip_is_bit_exact(name):
     config = CONFIGS[name]
     state = random_hf_state(config)

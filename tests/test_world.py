@@ -46,7 +46,7 @@ def test_names_and_captions():
 def test_shipped_text_encoder_is_a_clip_text_model(shipped):
     from transformers import CLIPTextModel
 
-    from hirm_jax.layouts import load_text_encoder
+    from hirm_jax.encoder.layouts import load_text_encoder
 
     assert shipped.tokenizer("a striped circle").input_ids == [49406, 320, 22192, 7117, 49407]
     te = CLIPTextModel.from_pretrained(str(shipped.text_encoder_path))
@@ -67,6 +67,7 @@ def test_judge_is_accurate_on_fresh_world_pictures(shipped):
     assert accuracy["style_accuracy"] >= 0.99, accuracy
 
 
+@pytest.mark.slow
 def test_shipped_world_generates_what_is_asked(shipped):
     cells = [(o, s) for o, s in zip(w.ALL_OBJECTS, w.ALL_STYLES)]
     prompts = [w.caption(o, s, w.HELDOUT_TEMPLATES[0]) for o, s in cells]

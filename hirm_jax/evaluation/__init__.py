@@ -24,12 +24,14 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from hirm_jax import log
 from hirm_jax.evaluation.suites import (SUITES_DIR, EvalContext, Suite, SuiteError, SuiteResult, check_options,
                                         get_suite, list_suites, parse_options, register_suite, sha256_of)
+
+_log = log.get(__name__)
 
 __all__ = ["main", "evaluate", "load_records", "register_suite", "get_suite", "EvalContext", "SuiteResult",
            "SuiteError"]
@@ -39,7 +41,7 @@ def load_records(images_dir: str | Path, limit: Optional[int] = None, images_per
                  flag: str = "--images") -> list[dict]:
     """Manifest records of an images folder (with absolute "path" and "images_dir"), within a budget."""
     from hirm_jax.errors import InputMissingError
-    from hirm_jax.generate import read_manifest
+    from hirm_jax.pipelines.generate import read_manifest
     images_dir = Path(images_dir)
     records = read_manifest(images_dir, flag)
     if images_per_prompt is not None:
@@ -59,7 +61,7 @@ def load_records(images_dir: str | Path, limit: Optional[int] = None, images_per
 def _is_partial(suite: Suite, records: list[dict], budget: dict) -> bool:
     """True under a budget, or when a folder generated from this suite's prompts holds fewer images than
     the suite's protocol (its prompts, with the options recorded at generation, times images_per_prompt)."""
-    from hirm_jax.generate import GENERATION
+    from hirm_jax.pipelines.generate import GENERATION
     if budget["limit"] is not None or budget["images_per_prompt"] is not None:
         return True
     by_dir: dict[str, int] = {}
@@ -77,7 +79,7 @@ def _is_partial(suite: Suite, records: list[dict], budget: dict) -> bool:
 
 
 def _generation_info(images_dir: Path) -> dict:
-    from hirm_jax.generate import GENERATION, MANIFEST
+    from hirm_jax.pipelines.generate import GENERATION, MANIFEST
     info = {"dir": str(images_dir), "manifest_sha256": sha256_of(images_dir / MANIFEST)}
     if (images_dir / GENERATION).is_file():
         generation = json.loads((images_dir / GENERATION).read_text())
@@ -134,16 +136,16 @@ def evaluate(suite_name: str, images: Sequence[str | Path], out: str | Path, *, 
                                  f"seed {r['seed']}; generate both with the same prompts and --seed")
             original_records.append(match)
     with _results_folder(out) as folder:
-        return _run_suite(suite, images, original, records, original_records, options, limit, images_per_prompt,
-                          folder)
+        return _run_suite(suite, images, original, records, original_records, options,
+                          {"limit": limit, "images_per_prompt": images_per_prompt}, folder)
 
 
 def _run_suite(suite: Suite, images, original, records: list[dict], original_records: Optional[list[dict]],
-               options: dict, limit: Optional[int], images_per_prompt: Optional[int], out: Path) -> dict:
-    """Run the suite's runner over checked records and write its results into `out`."""
+               options: dict, budget: dict, out: Path) -> dict:
+    """Run the suite's runner over checked records and write its results into `out`.
+    budget: {"limit": N or None, "images_per_prompt": K or None}."""
     from hirm_jax.evaluation.results import SCHEMA, SCHEMA_VERSION, write_results
     from hirm_jax.provenance import provenance
-    budget = {"limit": limit, "images_per_prompt": images_per_prompt}
     partial = _is_partial(suite, records, budget)
     result = suite.runner(EvalContext(suite, records, original_records, options, out, partial))
     spec_path = SUITES_DIR / f"{suite.name}.json"
@@ -168,7 +170,7 @@ def _run_suite(suite: Suite, images, original, records: list[dict], original_rec
 
 
 def main(argv: Sequence[str]) -> int:
-    from hirm_jax.generate import add_generation_arguments
+    from hirm_jax.pipelines.generate import add_generation_arguments
     parser = argparse.ArgumentParser(prog="hirm-jax eval", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", help="suite name (see --list)")
     parser.add_argument("--list", action="store_true", help="print the registered suites and their versions")
@@ -194,7 +196,7 @@ def main(argv: Sequence[str]) -> int:
             parser.error("eval --pipeline needs --out=DIR")
         out = Path(args.out)
         inputs = _generate_suite_images(args, suite, options, out)
-        from hirm_jax.generate import distributed_state
+        from hirm_jax.pipelines.generate import distributed_state
         if not distributed_state().is_main_process:  # under accelerate launch, process 0 evaluates
             return 0
         images, original = [str(out / "erased")], str(out / "original")
@@ -207,7 +209,7 @@ def main(argv: Sequence[str]) -> int:
     else:
         from hirm_jax.evaluation.results import markdown
         print(markdown(results), end="")
-    print(f"results: {out / 'results.json'}", file=sys.stderr)
+    _log.info(f"results: {out / 'results.json'}")
     return 0
 
 
@@ -222,7 +224,7 @@ def _generate_suite_images(args: argparse.Namespace, suite: Suite, options: dict
     weights) and OUT/original; the inputs are checked (and OUT against them) before anything is
     written. Returns the (flag, path) inputs OUT may not equal, contain or lie inside."""
     from hirm_jax.fileio import check_output_location, require_inputs
-    from hirm_jax.generate import generate, generation_kwargs, pipeline_inputs, resolve_pipeline
+    from hirm_jax.pipelines.generate import generate, generation_kwargs, pipeline_inputs, resolve_pipeline
     source = resolve_pipeline(args.pipeline)
     inputs = pipeline_inputs(source.path, args.delta, args.denoiser)
     require_inputs(inputs)

@@ -18,7 +18,7 @@ import numpy as np
 from hirm_jax.errors import InputMissingError
 from hirm_jax.evaluation import suites
 from hirm_jax.evaluation.metrics import Metric, bootstrap_interval, cosine_similarities, frechet_distance, mean_metric
-from hirm_jax.generate import PromptRow, read_prompts
+from hirm_jax.pipelines.generate import PromptRow, read_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

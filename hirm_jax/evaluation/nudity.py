@@ -20,7 +20,7 @@ from typing import Sequence
 from hirm_jax.evaluation import suites
 from hirm_jax.evaluation.metrics import proportion
 from hirm_jax.fileio import atomic_file
-from hirm_jax.generate import PromptRow, read_prompts
+from hirm_jax.pipelines.generate import PromptRow, read_prompts
 
 
 def read_prompt_csv(path: str, fmt: str) -> list[PromptRow]:

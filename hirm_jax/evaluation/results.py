@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-from hirm_jax.fileio import atomic_file, sha256_file, write_json
+from hirm_jax.fileio import atomic_file, write_json
 
 SCHEMA = "hirm_jax.eval_results"
 SCHEMA_VERSION = 1
 RESULTS_JSON, RESULTS_MD, GRID_PNG = "results.json", "results.md", "grid.png"
-PACKAGES = ("nudenet", "onnxruntime", "timm", "scipy", "accelerate")
 
 
 def _format(value, unit: str) -> str:
@@ -72,10 +71,6 @@ def comparison_grid(pairs: Sequence[tuple[Path, Path, str]], out_path: Path, cel
     with atomic_file(out_path, "wb") as f:
         grid.save(f, format="PNG")
     return out_path
-
-
-def file_sha256(path: Path) -> Optional[str]:
-    return sha256_file(path) if path.is_file() else None
 
 
 def write_results(out_dir: Path, results: dict, pairs: Sequence[tuple[Path, Path, str]] = ()) -> dict[str, Path]:

@@ -155,3 +155,12 @@ def flag(options: dict, key: str) -> bool:
     if value not in ("true", "false", "1", "0", "yes", "no"):
         raise SuiteError(f"option {key} must be true or false but is {value!r}")
     return value in ("true", "1", "yes")
+
+
+def suite_prompts(name: str, option_pairs: Sequence[str]) -> tuple[list, dict, dict]:
+    """(prompt rows, generation defaults, what generation.json records) of a suite, for
+    `hirm-jax generate --suite=NAME [--suite-option KEY=VALUE ...]`."""
+    suite = get_suite(name)
+    options = parse_options(option_pairs)
+    rows = suite.prompt_rows(options)
+    return rows, suite.generation_defaults(), {"name": suite.name, "version": suite.version, "options": options}

@@ -21,7 +21,7 @@ import numpy as np
 from hirm_jax.errors import InputMissingError
 from hirm_jax.evaluation import suites
 from hirm_jax.evaluation.metrics import Metric, wilson_interval
-from hirm_jax.generate import GENERATION, PromptRow
+from hirm_jax.pipelines.generate import GENERATION, PromptRow
 
 
 def ua_ira_cra(rows: Iterable[Mapping[str, Any]], kinds: Sequence[str] = ("style", "object")) -> dict[str, Any]:

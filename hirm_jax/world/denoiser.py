@@ -13,10 +13,19 @@ v-prediction (epsilon-prediction failed in the prototype), DDIM sampling with fe
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from hirm_jax import log
+
+_log = log.get(__name__)
 
 PATCH = 2
 UNET_CONFIG = dict(
@@ -50,7 +59,7 @@ def embed_prompts(tokenizer, text_encoder, prompts, batch_size: int = 256) -> to
 
     A prompt longer than 77 tokens raises PromptTooLongError (SD would silently truncate it).
     """
-    from hirm_jax.tokenizer import encode_prompts
+    from hirm_jax.encoder.tokenizer import encode_prompts
 
     text_encoder = load_text_encoder_torch(text_encoder)
     ids = torch.from_numpy(encode_prompts(tokenizer, list(prompts))["input_ids"]).long()
@@ -111,89 +120,113 @@ def sample_images(unet, scheduler: DDIMScheduler, cond: torch.Tensor, uncond: to
     return np.concatenate(out)
 
 
-def train_denoiser(embed, seed: int = 0, steps: int = 4000, batch: int = 64, lr: float = 1e-3,
-                   pool_size: int = 12000, ema_decay: float = 0.998, empty_prob: float = 0.1,
-                   checkpoint=None, checkpoint_every: int = 250, log_every: int = 25, unet_overrides=None,
-                   pool=None):
+@dataclasses.dataclass(frozen=True)
+class DenoiserRecipe:
+    """The denoiser's training recipe (the shipped world's defaults)."""
+    seed: int = 0
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 1e-3
+    pool_size: int = 12000
+    ema_decay: float = 0.998
+    empty_prob: float = 0.1
+    checkpoint_every: int = 250
+    log_every: int = 25
+    unet_overrides: Optional[dict] = None
+    warmup: int = 200  # constant learning rate after it, so any EMA checkpoint along the way is usable
+
+
+def train_denoiser(embed, recipe: Optional[DenoiserRecipe] = None, checkpoint=None, pool=None, **fields):
     """Train the UNet; returns (EMA UNet, metrics).
 
     embed(list of str) -> [N, 77, D] torch tensor: the frozen text encoder's last_hidden_state.
-    checkpoint: optional path; written every `checkpoint_every` steps (atomically) and, if it
-    exists at the start, resumed from.
-    pool: optional data.sample(N >= pool_size, seed, "train") to take the pictures from.
+    checkpoint: optional path; written every `recipe.checkpoint_every` steps (atomically) and, if
+    it exists at the start, resumed from. pool: optional data.sample(N >= pool_size, seed,
+    "train") to take the pictures from. fields: DenoiserRecipe fields by name (`steps=300`).
     """
     import copy
-    import os
-    import sys
-    import time
 
-    from hirm_jax.world import data
-
+    recipe = dataclasses.replace(recipe or DenoiserRecipe(), **fields)
     t0 = time.time()
-    torch.manual_seed(seed)
-    pool = data.sample(pool_size, seed=seed, split="train") if pool is None else pool[:pool_size]
-    x_all = to_patches(pool.images)
-    texts = [data.caption(data.ALL_OBJECTS[o], data.ALL_STYLES[s], t)
-             for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))
-             for t in data.TRAIN_TEMPLATES]
-    cond_all = embed(texts + [""])
-    n_templates = len(data.TRAIN_TEMPLATES)
-    cell_of = torch.from_numpy(pool.objects * len(data.ALL_STYLES) + pool.styles)
-    print(f"[denoiser] data and {len(texts)} caption embeddings ready in {time.time() - t0:.0f}s", file=sys.stderr)
-
-    unet = build_unet(**(unet_overrides or {}))
+    torch.manual_seed(recipe.seed)
+    batches = _Batches(embed, recipe, pool)
+    _log.info(f"[denoiser] data and {len(batches.texts)} caption embeddings ready in {time.time() - t0:.0f}s")
+    unet = build_unet(**(recipe.unet_overrides or {}))
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    # Constant after warm-up, so any EMA checkpoint along the way is a usable model.
-    warmup = 200
-    lr_at = lambda step: lr * min(1.0, step / warmup)
-    sched = train_scheduler()
-    gen = torch.Generator().manual_seed(seed)
-    start = 0
-    if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=True)  # tensors, numbers and the RNG state only
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
-        print(f"[denoiser] resumed from {checkpoint} at step {start}", file=sys.stderr)
-    n_params = sum(p.numel() for p in unet.parameters())
-    print(f"[denoiser] {n_params / 1e6:.2f}M parameters", file=sys.stderr)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.01)
+    start = _restore(checkpoint, unet, ema, opt, batches.gen)
+    _log.info(f"[denoiser] {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
     t_loop, losses = time.time(), []
     unet.train()
-    for step in range(start + 1, steps + 1):
-        idx = torch.randint(pool_size, (batch,), generator=gen)
-        template = torch.randint(n_templates, (batch,), generator=gen)
-        caption_idx = cell_of[idx] * n_templates + template
-        caption_idx = torch.where(torch.rand(batch, generator=gen) < empty_prob, len(texts), caption_idx)
-        x0 = x_all[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(sched.config.num_train_timesteps, (batch,), generator=gen)
-        xt = sched.add_noise(x0, noise, t)
-        target = sched.get_velocity(x0, noise, t)
-        pred = unet(xt, t, encoder_hidden_states=cond_all[caption_idx]).sample
-        loss = F.mse_loss(pred, target)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps:
+    for step in range(start + 1, recipe.steps + 1):
+        losses.append(_train_step(unet, ema, opt, batches, recipe, step))
+        if step % recipe.log_every == 0 or step == recipe.steps:
             rate = (time.time() - t_loop) / (step - start)
-            print(f"[denoiser] step {step}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
-                  f"{rate:.2f}s/step elapsed {time.time() - t0:.0f}s eta {rate * (steps - step):.0f}s",
-                  file=sys.stderr, flush=True)
-        if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+            _log.info(f"[denoiser] step {step}/{recipe.steps} loss {np.mean(losses[-recipe.log_every:]):.4f} "
+                      f"{rate:.2f}s/step elapsed {time.time() - t0:.0f}s eta {rate * (recipe.steps - step):.0f}s")
+        if checkpoint is not None and (step % recipe.checkpoint_every == 0 or step == recipe.steps):
             tmp = f"{checkpoint}.tmp"
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen.get_state(), "step": step}, tmp)
+                        "gen": batches.gen.get_state(), "step": step}, tmp)
             os.replace(tmp, checkpoint)
-    return ema.eval(), {"train_seconds": time.time() - t0, "steps": steps, "resumed_at_step": start,
+    return ema.eval(), {"train_seconds": time.time() - t0, "steps": recipe.steps, "resumed_at_step": start,
                         "final_loss": float(np.mean(losses[-100:])) if losses else None}
+
+
+class _Batches:
+    """The training pictures, every caption's embedding, and the seeded draw of a batch."""
+
+    def __init__(self, embed, recipe: DenoiserRecipe, pool):
+        from hirm_jax.world import data
+        self.pool_size = recipe.pool_size
+        pool = data.sample(recipe.pool_size, seed=recipe.seed, split="train") if pool is None else pool[:recipe.pool_size]
+        self.x_all = to_patches(pool.images)
+        self.texts = [data.caption(data.ALL_OBJECTS[o], data.ALL_STYLES[s], t)
+                      for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))
+                      for t in data.TRAIN_TEMPLATES]
+        self.cond_all = embed(self.texts + [""])
+        self.n_templates = len(data.TRAIN_TEMPLATES)
+        self.cell_of = torch.from_numpy(pool.objects * len(data.ALL_STYLES) + pool.styles)
+        self.sched = train_scheduler()
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+
+    def draw(self, batch: int, empty_prob: float):
+        """(noisy pictures, timesteps, velocity targets, caption embeddings) of one batch."""
+        gen = self.gen
+        idx = torch.randint(self.pool_size, (batch,), generator=gen)
+        template = torch.randint(self.n_templates, (batch,), generator=gen)
+        caption_idx = self.cell_of[idx] * self.n_templates + template
+        caption_idx = torch.where(torch.rand(batch, generator=gen) < empty_prob, len(self.texts), caption_idx)
+        x0 = self.x_all[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(self.sched.config.num_train_timesteps, (batch,), generator=gen)
+        return self.sched.add_noise(x0, noise, t), t, self.sched.get_velocity(x0, noise, t), self.cond_all[caption_idx]
+
+
+def _restore(checkpoint, unet, ema, opt, gen) -> int:
+    """Resume from the checkpoint when there is one; the step it was saved at (0: none)."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return 0
+    state = torch.load(checkpoint, weights_only=True)  # tensors, numbers and the RNG state only
+    unet.load_state_dict(state["unet"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["gen"])
+    _log.info(f"[denoiser] resumed from {checkpoint} at step {state['step']}")
+    return state["step"]
+
+
+def _train_step(unet, ema, opt, batches: _Batches, recipe: DenoiserRecipe, step: int) -> float:
+    xt, t, target, cond = batches.draw(recipe.batch, recipe.empty_prob)
+    loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
+    for g in opt.param_groups:
+        g["lr"] = recipe.lr * min(1.0, step / recipe.warmup)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), unet.parameters()):
+            pe.lerp_(p, 1 - decay)
+    return loss.item()

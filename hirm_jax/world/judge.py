@@ -10,7 +10,6 @@ lumpy generated shape is still judged by what it is, not punished as another cla
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hirm_jax import log
 from hirm_jax.world import data
+
+_log = log.get(__name__)
 
 WEIGHTS_NAME = "judge.safetensors"
 CONFIG_NAME = "judge_config.json"
@@ -141,11 +143,11 @@ def train_judge(seed: int = 0, steps: int = 500, batch: int = 128, lr: float = 2
         sched.step()
         if step % log_every == 0 or step == steps:
             elapsed = time.time() - t0
-            print(f"[judge] step {step}/{steps} loss {loss.item():.4f} elapsed {elapsed:.0f}s "
-                  f"eta {elapsed / step * (steps - step):.0f}s", file=sys.stderr)
+            _log.info(f"[judge] step {step}/{steps} loss {loss.item():.4f} elapsed {elapsed:.0f}s "
+                  f"eta {elapsed / step * (steps - step):.0f}s")
     judge = Judge(net)
     metrics = judge.accuracy(data.sample(2000, seed=seed, split="eval"))
     metrics["train_seconds"] = time.time() - t0
-    print(f"[judge] held-out accuracy: object {metrics['object_accuracy']:.4f} "
-          f"style {metrics['style_accuracy']:.4f}", file=sys.stderr)
+    _log.info(f"[judge] held-out accuracy: object {metrics['object_accuracy']:.4f} "
+          f"style {metrics['style_accuracy']:.4f}")
     return judge, metrics

@@ -1,6 +1,6 @@
 """The world's text encoder: a small CLIP text transformer trained contrastively, then frozen.
 
-It is `hirm_jax.model.CLIPTextTransformer` (CLIPTextModel architecture, real CLIP vocabulary,
+It is `hirm_jax.encoder.clip.CLIPTextTransformer` (CLIPTextModel architecture, real CLIP vocabulary,
 77 positions), trained against a small CNN image tower with a multi-positive InfoNCE: a
 caption is positive for every picture it describes ("a circle" for every circle). The image
 tower is thrown away; the encoder is saved as a transformers folder, so PyTorch users load
@@ -12,7 +12,6 @@ pooling this is exact for the pooled output, and every world caption fits.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import flax.linen as nn
@@ -21,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.tokenizer import encode_prompts
+from hirm_jax import log
+from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
+from hirm_jax.encoder.tokenizer import encode_prompts
 from hirm_jax.world import data
+
+_log = log.get(__name__)
 
 CONFIG = TextEncoderConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                            num_attention_heads=4, max_position_embeddings=77,
@@ -125,13 +127,13 @@ def train_text_encoder(tokenizer, seed: int = 0, steps: int = 600, batch: int = 
         params, opt_state, loss = step_fn(params, opt_state, pool.images[idx], ids[cap], positive)
         if step % log_every == 0 or step == steps:
             elapsed = time.time() - t0
-            print(f"[text encoder] step {step}/{steps} loss {float(loss):.4f} "
-                  f"elapsed {elapsed:.0f}s eta {elapsed / step * (steps - step):.0f}s", file=sys.stderr)
+            _log.info(f"[text encoder] step {step}/{steps} loss {float(loss):.4f} "
+                  f"elapsed {elapsed:.0f}s eta {elapsed / step * (steps - step):.0f}s")
     encoder = TextEncoder(CONFIG, jax.device_get(params["text"]))
     metrics = zero_shot_accuracy(encoder, tower, params["image"], tokenizer, seed)
     metrics["train_seconds"] = time.time() - t0
-    print(f"[text encoder] zero-shot held-out accuracy: object {metrics['object_accuracy']:.4f} "
-          f"style {metrics['style_accuracy']:.4f}", file=sys.stderr)
+    _log.info(f"[text encoder] zero-shot held-out accuracy: object {metrics['object_accuracy']:.4f} "
+          f"style {metrics['style_accuracy']:.4f}")
     return encoder, metrics
 
 
@@ -164,7 +166,7 @@ def save_half(encoder: TextEncoder, out_dir, overwrite: bool = False) -> TextEnc
 
     from safetensors.numpy import load_file, save_file
 
-    from hirm_jax.layouts import WEIGHTS_NAME, save_text_encoder
+    from hirm_jax.encoder.layouts import WEIGHTS_NAME, save_text_encoder
 
     rounded = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float16).astype(np.float32), encoder.params)
     encoder = TextEncoder(encoder.config, rounded)

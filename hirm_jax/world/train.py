@@ -6,7 +6,7 @@
 Stages (each one's output is kept in `{out}.partial/`, so an interrupted run resumes where
 it stopped; the finished folder appears atomically at `out`):
 
-    tokenizer      real CLIP BPE tokenizer (hirm_jax.tokenizer), built offline from open_clip's file
+    tokenizer      real CLIP BPE tokenizer (hirm_jax.encoder.tokenizer), built offline from open_clip's file
     text_encoder   small CLIPTextModel trained contrastively (JAX), saved float16
     judge          CNN naming object and style (PyTorch)
     unet           diffusers UNet2DConditionModel, v-prediction, EMA (PyTorch)
@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from hirm_jax import log
 from hirm_jax.world import data
+
+_log = log.get(__name__)
 
 # Sampling defaults stored in world.json (generate() uses them unless told otherwise).
 SAMPLE_STEPS = 10
@@ -33,8 +35,6 @@ GUIDANCE = 3.0
 DENOISER_POOL = 12000
 
 
-def _log(msg: str) -> None:
-    print(f"[world] {msg}", file=sys.stderr, flush=True)
 
 
 def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 600, judge_steps: int = 500,
@@ -53,10 +53,7 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 600, judge_ste
     torch.set_num_threads(1)
     from transformers import CLIPTokenizer
 
-    from hirm_jax.tokenizer import build_clip_tokenizer
-    from hirm_jax.world import denoiser as den
-    from hirm_jax.world.judge import train_judge
-    from hirm_jax.world.textencoder import save_half, train_text_encoder
+    from hirm_jax.encoder.tokenizer import build_clip_tokenizer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -75,32 +72,13 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 600, judge_ste
         (work / "tokenizer").chmod(0o755)
     tokenizer = CLIPTokenizer.from_pretrained(str(work / "tokenizer"))
     pool = data.sample(DENOISER_POOL, seed=seed, split="train")  # every stage draws from its head
-    _log(f"{len(pool)} training pictures drawn in {time.time() - t0:.0f}s")
+    _log.info(f"[world] {len(pool)} training pictures drawn in {time.time() - t0:.0f}s")
 
-    if not (work / "text_encoder" / "config.json").exists():
-        _log("stage 1/4: text encoder")
-        encoder, metrics["text_encoder"] = train_text_encoder(tokenizer, seed=seed, steps=text_encoder_steps, pool=pool)
-        save_half(encoder, work / "text_encoder", overwrite=True)
-        save_metrics()
+    _train_stages(work, tokenizer, pool, metrics, save_metrics,
+                  dict(seed=seed, text_encoder_steps=text_encoder_steps, judge_steps=judge_steps,
+                       denoiser_steps=denoiser_steps, denoiser_batch=denoiser_batch))
 
-    if not (work / "judge" / "judge.safetensors").exists():
-        _log("stage 2/4: judge")
-        judge, metrics["judge"] = train_judge(seed=seed, steps=judge_steps, pool=pool)
-        (work / "judge").mkdir(exist_ok=True)
-        judge.save(work / "judge")
-        save_metrics()
-
-    if not (work / "unet" / "config.json").exists():
-        _log("stage 3/4: denoiser")
-        embed = lambda texts: den.embed_prompts(tokenizer, work / "text_encoder", texts)
-        unet, metrics["denoiser"] = den.train_denoiser(
-            embed, seed=seed, steps=denoiser_steps, batch=denoiser_batch,
-            checkpoint=work / "denoiser_checkpoint.pt", pool_size=DENOISER_POOL, pool=pool)
-        save_unet_half(unet, work / "unet")
-        den.sample_scheduler().save_pretrained(str(work / "scheduler"))
-        save_metrics()
-
-    _log("stage 4/4: evaluation on held-out templates and seeds")
+    _log.info("[world] stage 4/4: evaluation on held-out templates and seeds")
     write_world_json(work, metrics, seed=seed)  # evaluation loads the folder as a world
     metrics["generated"] = evaluate_generation(work, seeds_per_prompt=eval_seeds)
     metrics["total_seconds_this_run"] = time.time() - t0
@@ -111,8 +89,38 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 600, judge_ste
     for leftover in ("denoiser_checkpoint.pt", "metrics.json"):
         (work / leftover).unlink(missing_ok=True)
     os.replace(work, out_dir)
-    _log(f"world written to {out_dir} in {time.time() - t0:.0f}s")
+    _log.info(f"[world] world written to {out_dir} in {time.time() - t0:.0f}s")
     return out_dir
+
+
+def _train_stages(work: Path, tokenizer, pool, metrics: dict, save_metrics, recipe: dict) -> None:
+    """Stages 1-3 (text encoder, judge, denoiser), each skipped when a resumed build has it."""
+    from hirm_jax.world import denoiser as den
+    from hirm_jax.world.judge import train_judge
+    from hirm_jax.world.textencoder import save_half, train_text_encoder
+    seed = recipe["seed"]
+    if not (work / "text_encoder" / "config.json").exists():
+        _log.info("[world] stage 1/4: text encoder")
+        encoder, metrics["text_encoder"] = train_text_encoder(tokenizer, seed=seed, steps=recipe["text_encoder_steps"], pool=pool)
+        save_half(encoder, work / "text_encoder", overwrite=True)
+        save_metrics()
+
+    if not (work / "judge" / "judge.safetensors").exists():
+        _log.info("[world] stage 2/4: judge")
+        judge, metrics["judge"] = train_judge(seed=seed, steps=recipe["judge_steps"], pool=pool)
+        (work / "judge").mkdir(exist_ok=True)
+        judge.save(work / "judge")
+        save_metrics()
+
+    if not (work / "unet" / "config.json").exists():
+        _log.info("[world] stage 3/4: denoiser")
+        embed = lambda texts: den.embed_prompts(tokenizer, work / "text_encoder", texts)
+        unet, metrics["denoiser"] = den.train_denoiser(
+            embed, seed=seed, steps=recipe["denoiser_steps"], batch=recipe["denoiser_batch"],
+            checkpoint=work / "denoiser_checkpoint.pt", pool_size=DENOISER_POOL, pool=pool)
+        save_unet_half(unet, work / "unet")
+        den.sample_scheduler().save_pretrained(str(work / "scheduler"))
+        save_metrics()
 
 
 def save_unet_half(unet, folder: Path) -> None:
@@ -149,20 +157,9 @@ def evaluate_generation(folder: Path, seeds_per_prompt: int = 10, first_seed: in
     result = {"object_accuracy": float(obj_ok.mean()), "style_accuracy": float(sty_ok.mean()),
               "images": len(prompts), "generation_seconds": seconds,
               "per_cell_object_style_accuracy": table}
-    _log(f"generated {len(prompts)} images in {seconds:.0f}s: object accuracy {result['object_accuracy']:.3f}, "
+    _log.info(f"[world] generated {len(prompts)} images in {seconds:.0f}s: object accuracy {result['object_accuracy']:.3f}, "
          f"style accuracy {result['style_accuracy']:.3f}")
     return result
-
-
-def format_table(result: dict) -> str:
-    """Markdown table of object/style accuracy per cell (rows objects, columns styles)."""
-    table = result["per_cell_object_style_accuracy"]
-    lines = ["| object \\ style | " + " | ".join(data.ALL_STYLES) + " |",
-             "|---" * (len(data.ALL_STYLES) + 1) + "|"]
-    for obj in data.ALL_OBJECTS:
-        cells = [f"{table[f'{obj}/{st}'][0]:.1f}/{table[f'{obj}/{st}'][1]:.1f}" for st in data.ALL_STYLES]
-        lines.append(f"| {obj} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def write_world_json(folder: Path, metrics: dict, seed: int) -> None:

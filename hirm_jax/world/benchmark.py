@@ -11,7 +11,7 @@ reports mean UA / IRA / CRA per kind (JSON + Markdown):
     joint           several concepts erased into one encoder (first 3 objects, first 3 styles)
     averaged        the same groups by averaging the single-concept HiRM-S deltas (the paper's way)
 
-Every method uses the demo's settings (`hirm_jax.demo.demo_config`, preservation term included);
+Every method uses the demo's settings (`hirm_jax.world.demo.demo_config`, preservation term included);
 `--methods`, `--concepts` and `--seeds-per-cell` set a budget, and a run that does not cover
 the full protocol is marked partial. The world and the arguments are checked before anything is
 written, and --out may not equal, contain or lie inside the world folder (--world, default the
@@ -21,17 +21,19 @@ shipped one).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from hirm_jax import log
 from hirm_jax.errors import UsageError
 from hirm_jax.fileio import atomic_file, check_output_location, write_json
 
+_log = log.get(__name__)
 METHODS = ("hirm_r", "hirm_s", "early_block", "full_finetune", "joint", "averaged")
 FULL_SEEDS_PER_CELL = 5
 
@@ -49,12 +51,13 @@ def _configure(config, method: str, preservation_weight=None):
     return config
 
 
-def _erase(world, concepts: list[str], method: str, out: Path, preservation_weight=None) -> Path:
-    """Erase `concepts` (jointly when several, all of one kind) and export the encoder folder."""
+def _erase(world, concepts: list[str], method: str, out: Path, preservation_weight=None):
+    """Erase `concepts` (jointly when several, all of one kind); (exported encoder folder, the
+    run in memory)."""
     from hirm_jax import world as w
-    from hirm_jax.demo import erase_config
-    from hirm_jax.export import export_full
-    from hirm_jax.train import train_and_evaluate
+    from hirm_jax.artifacts.export import export_full
+    from hirm_jax.run import train_and_evaluate
+    from hirm_jax.world.demo import erase_config
     config = _configure(erase_config(world, concepts[0], "hirm_s", out), method, preservation_weight)
     if len(concepts) > 1:
         retain = [w.caption(o, s, w.TRAIN_TEMPLATES[0]) for o in w.OBJECTS for s in w.STYLES
@@ -64,31 +67,33 @@ def _erase(world, concepts: list[str], method: str, out: Path, preservation_weig
             config.concepts = tuple(concepts)
             config.super_categories = {c: (w.OBJECT_ANCHOR if c in w.OBJECTS else w.STYLE_ANCHOR) for c in concepts}
     shutil.rmtree(out / "erase", ignore_errors=True)
-    train_and_evaluate(config, out / "erase")
-    return export_full(out / "erase", out / "text_encoder", overwrite=True)
+    run = train_and_evaluate(config, out / "erase", keep_trained=True).erased_run()
+    return export_full(run, out / "text_encoder", overwrite=True), run
 
 
-def _average(single_runs: list[Path], out: Path) -> Path:
-    from hirm_jax import export
-    from hirm_jax.compare import average_runs
-    from hirm_jax.layouts import save_text_encoder
-    first = export.load_run(single_runs[0])
-    loaded = [first] + [export.load_run(p, first.base) for p in single_runs[1:]]
-    return save_text_encoder(loaded[0].base, out / "text_encoder", params=average_runs(loaded), overwrite=True)
+def _average(runs: list, out: Path) -> Path:
+    """The encoder of the averaged single-concept deltas (runs in memory, one base)."""
+    from hirm_jax.encoder.layouts import save_text_encoder
+    from hirm_jax.report.compare import average_runs
+    return save_text_encoder(runs[0].base, out / "text_encoder", params=average_runs(runs), overwrite=True)
 
 
 def _judge(world, encoder_folder, grid, targets: list[str]) -> list[dict]:
-    """Rows for ua_ira_cra, one set per target; images of the other targets are left out."""
+    """Images of the grid from the encoder, judged, as rows for ua_ira_cra (one set per target)."""
     from hirm_jax import world as w
+    from hirm_jax.world.demo import judged_rows
     images = w.generate(world, str(encoder_folder), [r["prompt"] for r in grid], [r["seed"] for r in grid])
-    preds = world.judge.classify(images)
-    rows = []
-    for t in targets:
-        kind = "object" if t in w.OBJECTS else "style"
-        others = [x for x in targets if x != t]
-        rows += [dict(r, target=t, target_kind=kind, object_pred=o, style_pred=s)
-                 for r, o, s in zip(grid, preds["object"], preds["style"]) if r["object"] not in others and r["style"] not in others]
-    return rows
+    return judged_rows(world, images, grid, targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bench:
+    world: object
+    grid: list
+    concepts: list
+    out_dir: Path
+    preservation_weight: object
+    single: dict  # concept -> its HiRM-S run, in memory (for `averaged`)
 
 
 def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concepts: Sequence[str] = (),
@@ -96,38 +101,27 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
     """`preservation_weight` overrides the demo's (10); 0 gives the methods as the paper has them."""
     from hirm_jax import provenance
     from hirm_jax import world as w
-    from hirm_jax.demo import benchmark_grid, figures, judged_rows
     from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
+    from hirm_jax.world.demo import benchmark_grid, figures, judged_rows
     out_dir = Path(out_dir)
     check_output_location(out_dir, {"--world": world_path or w.SHIPPED})
     concepts = list(concepts) or list(w.OBJECTS + w.STYLES)
     _check_arguments(concepts, methods, seeds_per_cell)
     world = w.load_world(world_path)  # every file checked before anything is written
-    grid = benchmark_grid(seeds_per_cell)
+    bench = _Bench(world, benchmark_grid(seeds_per_cell), concepts, out_dir, preservation_weight, {})
     t0 = time.perf_counter()
-    original = w.generate(world, None, [r["prompt"] for r in grid], [r["seed"] for r in grid])
-    before = {c: figures(judged_rows(world, original, grid, c, "object" if c in w.OBJECTS else "style")) for c in concepts}
-    results: dict = {}
-    for method in methods:
-        _say(f"method {method}")
-        if method in ("joint", "averaged"):
-            groups = [g for g in ([c for c in concepts if c in w.OBJECTS][:3], [c for c in concepts if c in w.STYLES][:3]) if len(g) > 1]
-            rows = []
-            for group in groups:
-                folder = out_dir / method / "_".join(group)
-                folder.mkdir(parents=True, exist_ok=True)
-                if method == "joint":
-                    encoder = _erase(world, group, "hirm_s", folder, preservation_weight)
-                else:
-                    encoder = _average([out_dir / "hirm_s" / c / "erase" for c in group], folder)
-                rows += _judge(world, encoder, grid, group)
-        else:
-            rows = []
-            for c in concepts:
-                folder = out_dir / method / c
-                folder.mkdir(parents=True, exist_ok=True)
-                rows += _judge(world, _erase(world, [c], method, folder, preservation_weight), grid, [c])
-        results[method] = _per_kind(ua_ira_cra(rows), concepts)
+    original = w.generate(world, None, [r["prompt"] for r in bench.grid], [r["seed"] for r in bench.grid])
+    before = {c: figures(judged_rows(world, original, bench.grid, [c])) for c in concepts}
+    results = {}
+    order = [m for m in methods if m != "averaged"]  # averaged needs the single-concept HiRM-S runs first
+    if "averaged" in methods:
+        order = (["hirm_s"] if "hirm_s" not in order else []) + order + ["averaged"]
+    for method in order:
+        _log.info(f"[demo-world] method {method}")
+        rows = _method_rows(bench, method)
+        if method in methods:
+            results[method] = _per_kind(ua_ira_cra(rows), concepts)
+    results = {m: results[m] for m in methods}
     partial = seeds_per_cell < FULL_SEEDS_PER_CELL or set(concepts) != set(w.OBJECTS + w.STYLES) or list(methods) != list(METHODS)
     report = dict(suite="demo-world", version="1.0", partial=partial, seeds_per_cell=seeds_per_cell, concepts=concepts,
                   preservation_weight=preservation_weight,
@@ -138,6 +132,31 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
         f.write(markdown(report))
     print(markdown(report))
     return report
+
+
+def _method_rows(bench: _Bench, method: str) -> list[dict]:
+    """Judged rows of one method: each concept alone, or (joint, averaged) groups of up to 3 of a kind."""
+    from hirm_jax import world as w
+    rows = []
+    if method not in ("joint", "averaged"):
+        for c in bench.concepts:
+            folder = bench.out_dir / method / c
+            folder.mkdir(parents=True, exist_ok=True)
+            encoder, run = _erase(bench.world, [c], method, folder, bench.preservation_weight)
+            if method == "hirm_s":
+                bench.single[c] = run
+            rows += _judge(bench.world, encoder, bench.grid, [c])
+        return rows
+    kinds = ([c for c in bench.concepts if c in w.OBJECTS][:3], [c for c in bench.concepts if c in w.STYLES][:3])
+    for group in [g for g in kinds if len(g) > 1]:
+        folder = bench.out_dir / method / "_".join(group)
+        folder.mkdir(parents=True, exist_ok=True)
+        if method == "joint":
+            encoder, _ = _erase(bench.world, group, "hirm_s", folder, bench.preservation_weight)
+        else:
+            encoder = _average([bench.single[c] for c in group], folder)
+        rows += _judge(bench.world, encoder, bench.grid, group)
+    return rows
 
 
 def _check_arguments(concepts: Sequence[str], methods: Sequence[str], seeds_per_cell: int) -> None:
@@ -196,7 +215,3 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, args.world, args.preservation_weight)
     return 0
-
-
-def _say(message: str) -> None:
-    print(f"[demo-world] {message}", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
 """Apply a HiRM delta to PyTorch weights: numpy + safetensors only, no JAX, no torch on disk.
 
-A delta folder (written by `hirm_jax.export.export_delta`) holds
+A delta folder (written by `hirm_jax.artifacts.export.export_delta`) holds
 
     hirm_delta.safetensors   the changed tensors only, float32, canonical Hugging Face
                              orientation, keys prefixed by pipeline component:
@@ -14,11 +14,11 @@ A fingerprint is the sha256 of the tensor's float32 little-endian bytes. A base 
 float16/bfloat16 matches when it equals the training base rounded to that precision, so a
 delta made from SD 1.4's float32 encoder applies to its fp16 variant and to a pipeline
 loaded with `torch_dtype=torch.float16`. Anything else raises `FingerprintError` naming the
-tensor and both hashes, before anything is written or loaded.
+tensor and both hashes, before anything is written or loaded. A pipeline already loaded in
+torch is patched in memory by `hirm_jax.pipelines.patch.apply_delta_to_pipeline`.
 
     apply_delta("erased-delta/", "stable-diffusion-v1-4/", "sd14-erased/")   # patched copy
-    apply_delta_to_pipeline(pipe, "erased-delta/")                          # in memory (torch)
-    python -m hirm_jax.delta --delta erased-delta/ --base sd-v1-4/ --out sd14-erased/   # no JAX needed
+    python -m hirm_jax.artifacts.delta --delta erased-delta/ --base sd-v1-4/ --out sd14-erased/   # no JAX needed
 
 On disk, only the changed bytes of the component's safetensors files are rewritten (dtype,
 layout, header and every other tensor stay byte-identical); other files are hard-linked
@@ -39,7 +39,6 @@ same bytes; hirm_applied.json records the base's provenance (`hub.Source.provena
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -51,7 +50,8 @@ import numpy as np
 
 from hirm_jax import hub
 from hirm_jax.errors import HirmError, InputMissingError, report
-from hirm_jax.fileio import atomic_dir, sha256_file
+from hirm_jax.encoder.hf_names import name_in_checkpoint
+from hirm_jax.fileio import atomic_dir, fingerprint, sha256_file
 
 DELTA_WEIGHTS = "hirm_delta.safetensors"
 DELTA_CONFIG = "hirm_config.json"
@@ -95,11 +95,6 @@ def round_to(x: np.ndarray, precision: str) -> np.ndarray:
     raise DeltaError(f"precision must be float32, float16 or bfloat16 but is {precision!r}")
 
 
-def fingerprint(x: np.ndarray) -> str:
-    """sha256 of the canonical float32 little-endian bytes."""
-    return hashlib.sha256(np.ascontiguousarray(x, dtype="<f4").tobytes()).hexdigest()
-
-
 def base_fingerprints(x: np.ndarray) -> dict[str, str]:
     """The fingerprints a delta records for one base tensor: exact, and as fp16/bf16 storage."""
     return {"base_sha256": fingerprint(x),
@@ -107,7 +102,7 @@ def base_fingerprints(x: np.ndarray) -> dict[str, str]:
             "base_sha256_as_bfloat16": fingerprint(round_to(x, "bfloat16"))}
 
 
-def _check_fingerprint(name: str, where: str, found: np.ndarray, precision: str, entry: dict) -> Optional[str]:
+def check_fingerprint(name: str, where: str, found: np.ndarray, precision: str, entry: dict) -> Optional[str]:
     """None when `found` (decoded to float32) is the base the delta expects, else the error line."""
     digest = fingerprint(found)
     accepted = {entry["base_sha256"]}
@@ -251,16 +246,8 @@ def load_delta(delta_dir: str | os.PathLike) -> Delta:
 
 
 def local_key(canonical: str, available: Iterable[str]) -> Optional[str]:
-    """The name a checkpoint uses for a canonical `text_model.*` key.
-
-    transformers 5 saves `CLIPTextModel` with flat names (`encoder.layers.0...`); older
-    files and `CLIPTextModelWithProjection` keep `text_model.*`.
-    """
-    available = available if isinstance(available, (set, dict)) else set(available)
-    if canonical in available:
-        return canonical
-    flat = canonical.removeprefix("text_model.")
-    return flat if flat != canonical and flat in available else None
+    """The name a checkpoint uses for a canonical `text_model.*` key (`encoder.hf_names`)."""
+    return name_in_checkpoint(canonical, available if isinstance(available, (set, dict)) else set(available))
 
 
 # ---------------------------------------------------------------- on-disk application
@@ -324,7 +311,7 @@ def _plan_component(delta: Delta, component: str, folder: Path) -> list[_Patch]:
             precision = st.precision(name)
             entry = delta.entry(component, canonical)
             found = st.read_float32(name)
-            error = _check_fingerprint(f"{component}.{canonical}", str(path), found, precision, entry)
+            error = check_fingerprint(f"{component}.{canonical}", str(path), found, precision, entry)
             if error:
                 errors.append(error)
                 continue
@@ -481,69 +468,6 @@ def _read_previous_record(path: Path) -> dict:
         return json.loads(path.read_text())
     except ValueError as e:
         raise DeltaError(f"{path} is not valid JSON: {e}") from e
-
-
-# ---------------------------------------------------------------- in memory (torch)
-
-def apply_delta_to_pipeline(pipe, delta_dir: str | os.PathLike, component: Optional[str] = None):
-    """Apply a delta in place to a loaded diffusers pipeline, or to a bare transformers text encoder.
-
-    Works for SD 1.x/2.x, SDXL and Flux (components `text_encoder` / `text_encoder_2`) in any
-    dtype and on any device. All fingerprints are checked before any weight changes.
-    Returns `pipe`.
-    """
-    import torch
-
-    delta = load_delta(delta_dir)
-    grouped = delta.components()
-    if component is not None and component not in grouped:
-        raise DeltaError(f"component must be one of the delta's {sorted(grouped)} but is {component!r}")
-    chosen = [component] if component else sorted(grouped)
-    if isinstance(pipe, torch.nn.Module):
-        if len(chosen) != 1:
-            raise DeltaError(f"a bare text encoder was given but the delta patches {chosen}; "
-                             "pass the pipeline, or choose one with component=")
-        modules = {chosen[0]: pipe}
-    else:
-        modules = {c: getattr(pipe, c, None) for c in chosen}
-        absent = [c for c, m in modules.items() if not isinstance(m, torch.nn.Module)]
-        if absent:
-            have = sorted(getattr(pipe, "components", {}) or [])
-            raise DeltaError(f"the pipeline has no text encoder named {absent} (it has {have})")
-
-    updates, errors = {}, []
-    for c, module in modules.items():
-        state = module.state_dict()
-        updates[c] = {}
-        for canonical, value in sorted(grouped[c].items()):
-            name = local_key(canonical, state)
-            if name is None:
-                errors.append(f"{c}.{canonical}: {type(module).__name__} has no parameter {canonical}")
-                continue
-            param = state[name]
-            if param.is_meta:
-                raise DeltaError(f"{c}.{canonical} holds no data (a meta tensor): apply the delta before "
-                                 "enable_sequential_cpu_offload() or device_map offloading")
-            if tuple(param.shape) != value.shape:
-                errors.append(f"{c}.{canonical} must have shape {value.shape} but has {tuple(param.shape)}")
-                continue
-            precision = str(param.dtype).removeprefix("torch.")
-            found = param.detach().to("cpu", torch.float32).numpy()
-            error = _check_fingerprint(f"{c}.{canonical}", f"{c} ({type(module).__name__})", found,
-                                       precision, delta.entry(c, canonical))
-            if error:
-                errors.append(error)
-                continue
-            updates[c][name] = torch.from_numpy(value.copy()).to(device=param.device, dtype=param.dtype)
-    if errors:
-        raise FingerprintError(
-            f"the delta does not fit this pipeline ({len(errors)} problem(s)); it was made for base "
-            f"{delta.config.get('base', {}).get('source')!r}. No weight was changed.\n  " + "\n  ".join(errors))
-    for c, module in modules.items():
-        result = module.load_state_dict(updates[c], strict=False)
-        if result.unexpected_keys:  # impossible unless the module renames keys on load
-            raise DeltaError(f"{c} did not take {result.unexpected_keys}")
-    return pipe
 
 
 if __name__ == "__main__":  # usable without installing hirm_jax's JAX side

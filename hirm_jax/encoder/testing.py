@@ -11,9 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hirm_jax.layouts import save_text_encoder
-from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.tokenizer import build_clip_tokenizer
+from hirm_jax.encoder.layouts import save_text_encoder
+from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
+from hirm_jax.encoder.tokenizer import build_clip_tokenizer
 
 
 def random_encoder_folder(out_dir: str | os.PathLike, config: TextEncoderConfig, seed: int = 0) -> Path:

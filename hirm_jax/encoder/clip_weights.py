@@ -35,14 +35,11 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import jax
 
-from hirm_jax.errors import HirmError
-from hirm_jax.model import DTYPES, LEGACY_EOS_TOKEN_ID, TextEncoder, TextEncoderConfig
+from hirm_jax.encoder.hf_names import canonical_name
+from hirm_jax.encoder.files import WeightsError  # noqa: F401  (defined with the files it names)
+from hirm_jax.encoder.clip import DTYPES, LEGACY_EOS_TOKEN_ID, TextEncoder, TextEncoderConfig
 
 log = logging.getLogger(__name__)
-
-
-class WeightsError(HirmError, ValueError):
-    """A checkpoint does not match the model: names the offending keys and the rule."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +93,11 @@ MAPPING_TABLE: tuple[tuple[str, str, Transform], ...] = (
 # Buffers that carry no learned state.
 IGNORED_KEYS = ("text_model.embeddings.position_ids",)
 
-# Top-level modules of `text_model` that transformers 5 `CLIPTextModel` (and diffusers'
-# `text_encoder` folders) save without the `text_model.` prefix.
-FLAT_PREFIXES = ("embeddings.", "encoder.", "final_layer_norm.")
-
-
 def canonical_hf_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Prefix flat `CLIPTextModel` names with `text_model.`; refuse a mix that names one weight twice."""
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
-        name = "text_model." + key if key.startswith(FLAT_PREFIXES) else key
+        name = canonical_name(key)
         if name in out:
             raise WeightsError(f"checkpoint holds both {key!r} and {name!r}: flat and text_model.* names "
                                "for the same weight")
@@ -171,7 +163,7 @@ def hf_to_flax(state: dict[str, np.ndarray], config: TextEncoderConfig) -> dict:
 def check_param_tree(params, expected, description: str) -> None:
     """Raise WeightsError unless `params` has exactly the leaves and shapes of `expected` (a tree
     of ShapeDtypeStructs); `description` names the model in the message. Shared by every
-    architecture's mapping (CLIP here, T5 in `hirm_jax.t5_weights`)."""
+    architecture's mapping (CLIP here, T5 in `hirm_jax.encoder.t5_weights`)."""
     flat = flat_paths(params)
     shapes = flat_paths(expected)
     missing = sorted("/".join(p) for p in set(shapes) - set(flat))

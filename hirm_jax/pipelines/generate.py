@@ -4,7 +4,7 @@
     hirm-jax generate --pipeline=/models/sdxl --delta=d/te1 --delta=d/te2 --prompts=p.txt --out=imgs/
     hirm-jax generate --pipeline=/models/sd15-uc --suite=unlearncanvas --out=imgs/   # a suite's prompts and sampler
     hirm-jax generate --pipeline=CompVis/stable-diffusion-v1-4@main --prompts=p.txt --out=imgs/   # a hub id
-    accelerate launch --num_processes=8 -m hirm_jax.generate --pipeline=... --prompts=... --out=imgs/
+    accelerate launch --num_processes=8 -m hirm_jax.cli generate --pipeline=... --prompts=... --out=imgs/
 
 Every image has its own seed: the prompt file's seed where it gives one (benchmark CSVs do),
 else `derive_seed(seed, prompt id, sample index)`. Noise is drawn from a CPU generator per
@@ -30,14 +30,16 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
+from hirm_jax import log
 from hirm_jax import hub
 from hirm_jax.errors import HirmError, InputMissingError
 from hirm_jax.fileio import atomic_file, check_output_location, require_inputs, sha256_file, write_json
+
+_log = log.get(__name__)
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -228,7 +230,7 @@ def pipeline_fingerprint(pipeline_dir: str | os.PathLike, chunk: int = 1 << 20, 
 
 
 def delta_fingerprint(delta_dir: str | os.PathLike) -> dict:
-    from hirm_jax.delta import load_delta
+    from hirm_jax.artifacts.delta import load_delta
     delta = load_delta(delta_dir)
     return {"path": str(delta_dir), "delta_file_sha256": delta.config["delta_file_sha256"],
             "components": sorted(delta.components()), "concepts": delta.config.get("concepts"),
@@ -276,7 +278,8 @@ def torch_dtype(name: str, device) -> "torch.dtype":
 
 def apply_deltas(pipe, deltas: Sequence[str | os.PathLike]) -> None:
     """Apply HiRM deltas in memory; each component is patched at most once and must be a CLIP encoder."""
-    from hirm_jax.delta import DeltaError, apply_delta_to_pipeline, load_delta
+    from hirm_jax.artifacts.delta import DeltaError, load_delta
+    from hirm_jax.pipelines.patch import apply_delta_to_pipeline
     claimed: dict[str, str] = {}
     for delta_dir in deltas:
         for component in sorted(load_delta(delta_dir).components()):
@@ -376,36 +379,49 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def generate(pipeline: "str | os.PathLike | hub.Source", rows: Sequence[PromptRow], out_dir: str | os.PathLike, *,
-             deltas: Sequence[str | os.PathLike] = (), denoiser: Optional[str] = None, allow_pickle: bool = False,
-             steps: Optional[int] = None, guidance: Optional[float] = None, height: Optional[int] = None,
-             width: Optional[int] = None, dtype: str = "auto", scheduler: Optional[str] = None,
-             images_per_prompt: int = 1, seed: int = 0, batch_size: int = 1, extra: Optional[dict] = None,
-             inputs: Inputs = ()) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The sampling a user asks for; None: the pipeline family's default (its size, steps, guidance)."""
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    dtype: str = "auto"
+    scheduler: Optional[str] = None
+    images_per_prompt: int = 1
+    seed: int = 0
+    batch_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Changes:
+    """What is applied to the pipeline before sampling: HiRM deltas, a denoiser erasure."""
+    deltas: Sequence[str | os.PathLike] = ()
+    denoiser: Optional[str] = None
+    allow_pickle: bool = False
+
+
+def generate(pipeline: "str | os.PathLike | hub.Source", rows: Sequence[PromptRow], out_dir: str | os.PathLike,
+             request: Optional[Request] = None, changes: Optional[Changes] = None, extra: Optional[dict] = None,
+             inputs: Inputs = (), **fields) -> Path:
     """Generate every missing image of `rows` into out_dir and (process 0) write the manifest. See module doc.
 
     pipeline: a folder, a hub id or a resolved `hub.Source`; inputs: other inputs (e.g. the prompt
-    file) that out_dir may not equal, contain or lie inside."""
+    file) that out_dir may not equal, contain or lie inside; `fields`: Request and Changes fields
+    by name (`steps=2, deltas=[...]`, the keyword form of hirm_jax 0.1)."""
+    request, changes = _request_and_changes(request, changes, fields)
     source = resolve_pipeline(pipeline)
-    pipeline_dir = source.path
-    require_inputs(pipeline_inputs(pipeline_dir, deltas, denoiser))
-    check_output_location(out_dir, [*pipeline_inputs(pipeline_dir, deltas, denoiser), *inputs])
+    pipeline_dir, out_dir = source.path, Path(out_dir)
+    inputs_of_pipeline = pipeline_inputs(pipeline_dir, changes.deltas, changes.denoiser)
+    require_inputs(inputs_of_pipeline)
+    check_output_location(out_dir, [*inputs_of_pipeline, *inputs])
     info = pipeline_family(pipeline_dir)
-    size_h, size_w = height or info["size"], width or info["size"]
-    for name, value in (("height", size_h), ("width", size_w)):
-        if value % 16:
-            raise GenerationError(f"{name} must be divisible by 16 but is {value}")
-    if images_per_prompt < 1 or batch_size < 1:
-        raise GenerationError(f"images_per_prompt and batch_size must be >= 1 but are {images_per_prompt}, {batch_size}")
     state = distributed_state()
-    dtype = str(torch_dtype(dtype, state.device)).removeprefix("torch.")  # record what "auto" became
-    settings = Settings(steps=steps or info["steps"], guidance=info["guidance"] if guidance is None else guidance,
-                        height=size_h, width=size_w, dtype=dtype, scheduler=scheduler,
-                        images_per_prompt=images_per_prompt, seed=seed)
-    out_dir = Path(out_dir)
+    settings = _settings(request, info, state)
     jobs = plan_jobs(rows, settings)
-    fingerprints = {"pipeline": pipeline_fingerprint(pipeline_dir), "deltas": [delta_fingerprint(d) for d in deltas],
-                    "denoiser": sha256_file(denoiser) if denoiser else None}
+    fingerprints = {"pipeline": pipeline_fingerprint(pipeline_dir),
+                    "deltas": [delta_fingerprint(d) for d in changes.deltas],
+                    "denoiser": sha256_file(changes.denoiser) if changes.denoiser else None}
     record = {"pipeline": source.hub_id or str(pipeline_dir), "pipeline_source": source.provenance(),
               "pipeline_class": info["class_name"], "settings": dataclasses.asdict(settings),
               "fingerprints": fingerprints, **(extra or {})}
@@ -414,26 +430,58 @@ def generate(pipeline: "str | os.PathLike | hub.Source", rows: Sequence[PromptRo
     state.wait_for_everyone()  # every process lists the same missing images before any is written
     with state.split_between_processes(pending) as mine:
         # Loading applies the deltas and denoiser weights: one that does not fit fails before out_dir exists.
-        pipe = load_pipeline(pipeline_dir, deltas, denoiser=denoiser, allow_pickle=allow_pickle, dtype=dtype,
-                             scheduler=scheduler, device=state.device) if mine else None
+        pipe = load_pipeline(pipeline_dir, changes.deltas, denoiser=changes.denoiser, allow_pickle=changes.allow_pickle,
+                             dtype=settings.dtype, scheduler=settings.scheduler, device=state.device) if mine else None
         state.wait_for_everyone()
         if state.is_main_process:
             _check_resume(out_dir, record, create=True)
         state.wait_for_everyone()
         if mine:
-            _write_images(pipe, mine, settings, batch_size, out_dir, state)
+            _write_images(pipe, mine, settings, request.batch_size, out_dir, state)
     state.wait_for_everyone()
     if state.is_main_process:
-        missing = [j.file for j in jobs if not (out_dir / j.file).is_file()]
-        if missing:
-            raise GenerationError(f"{len(missing)} image(s) were not written, e.g. {missing[:3]}")
-        with atomic_file(out_dir / MANIFEST) as f:
-            for job in sorted(jobs, key=lambda j: (j.row.id, j.sample)):
-                f.write(json.dumps(manifest_record(job, settings, fingerprints), sort_keys=True) + "\n")
-        from hirm_jax.provenance import provenance
-        write_json(out_dir / GENERATION, {**record, "images": len(jobs), "provenance": provenance()})
+        _write_manifest(out_dir, jobs, settings, record)
     state.wait_for_everyone()
     return out_dir
+
+
+def _request_and_changes(request: Optional[Request], changes: Optional[Changes], fields: dict) -> tuple[Request, Changes]:
+    known = {f.name for f in dataclasses.fields(Request)} | {f.name for f in dataclasses.fields(Changes)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}")
+    request = dataclasses.replace(request or Request(), **{k: v for k, v in fields.items()
+                                                           if k in {f.name for f in dataclasses.fields(Request)}})
+    changes = dataclasses.replace(changes or Changes(), **{k: v for k, v in fields.items()
+                                                           if k in {f.name for f in dataclasses.fields(Changes)}})
+    return request, changes
+
+
+def _settings(request: Request, info: dict, state) -> Settings:
+    """The request checked and completed with the family's defaults (what generation.json records)."""
+    size_h, size_w = request.height or info["size"], request.width or info["size"]
+    for name, value in (("height", size_h), ("width", size_w)):
+        if value % 16:
+            raise GenerationError(f"{name} must be divisible by 16 but is {value}")
+    if request.images_per_prompt < 1 or request.batch_size < 1:
+        raise GenerationError(f"images_per_prompt and batch_size must be >= 1 but are {request.images_per_prompt}, "
+                              f"{request.batch_size}")
+    dtype = str(torch_dtype(request.dtype, state.device)).removeprefix("torch.")  # record what "auto" became
+    return Settings(steps=request.steps or info["steps"],
+                    guidance=info["guidance"] if request.guidance is None else request.guidance,
+                    height=size_h, width=size_w, dtype=dtype, scheduler=request.scheduler,
+                    images_per_prompt=request.images_per_prompt, seed=request.seed)
+
+
+def _write_manifest(out_dir: Path, jobs: Sequence[Job], settings: Settings, record: dict) -> None:
+    missing = [j.file for j in jobs if not (out_dir / j.file).is_file()]
+    if missing:
+        raise GenerationError(f"{len(missing)} image(s) were not written, e.g. {missing[:3]}")
+    with atomic_file(out_dir / MANIFEST) as f:
+        for job in sorted(jobs, key=lambda j: (j.row.id, j.sample)):
+            f.write(json.dumps(manifest_record(job, settings, record["fingerprints"]), sort_keys=True) + "\n")
+    from hirm_jax.provenance import provenance
+    write_json(out_dir / GENERATION, {**record, "images": len(jobs), "provenance": provenance()})
 
 
 def _write_images(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int, out_dir: Path, state) -> None:
@@ -446,8 +494,8 @@ def _write_images(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int
         if done % every and done != len(jobs):
             continue
         rate = (time.time() - start) / done
-        print(f"[generate {state.process_index}/{state.num_processes}] {done}/{len(jobs)} images, "
-              f"{rate:.2f} s/image, ETA {rate * (len(jobs) - done):.0f} s", file=sys.stderr)
+        _log.info(f"[generate {state.process_index}/{state.num_processes}] {done}/{len(jobs)} images, "
+              f"{rate:.2f} s/image, ETA {rate * (len(jobs) - done):.0f} s")
 
 
 def _check_resume(out_dir: Path, record: dict, create: bool) -> None:
@@ -492,7 +540,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], suite_prompts: Optional[Callable[[str, list], tuple]] = None) -> int:
+    """`hirm-jax generate`. `suite_prompts(name, ["KEY=VALUE", ...]) -> (rows, defaults, record)`
+    serves --suite (the CLI passes `evaluation.suites.suite_prompts`: suites sit above pipelines)."""
     parser = argparse.ArgumentParser(prog="hirm-jax generate", description=__doc__.split("\n")[0])
     add_generation_arguments(parser)
     parser.add_argument("--prompts", help="prompt file: .txt, .csv (prompt column, optional id/seed/guidance) or .jsonl")
@@ -506,12 +556,10 @@ def main(argv: Sequence[str]) -> int:
         parser.error("generate needs --pipeline=DIR and exactly one of --prompts=FILE or --suite=NAME")
     defaults, extra = {}, {}
     if args.suite:
-        from hirm_jax.evaluation.suites import get_suite, parse_options
-        suite = get_suite(args.suite)
-        options = parse_options(args.suite_option)
-        rows = suite.prompt_rows(options)
-        defaults = suite.generation_defaults()
-        extra = {"suite": {"name": suite.name, "version": suite.version, "options": options}}
+        if suite_prompts is None:
+            parser.error("--suite=NAME needs the hirm-jax command (hirm-jax generate, or -m hirm_jax.cli generate)")
+        rows, defaults, suite_record = suite_prompts(args.suite, args.suite_option)
+        extra = {"suite": suite_record}
     else:
         rows = read_prompts(args.prompts)
     rows = rows[:args.limit] if args.limit else rows
@@ -528,11 +576,3 @@ def generation_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
     return dict(steps=pick("steps"), guidance=pick("guidance"), height=pick("height"), width=pick("width"),
                 dtype=args.dtype, scheduler=pick("scheduler"), images_per_prompt=pick("images_per_prompt") or 1,
                 seed=args.seed, batch_size=args.batch_size)
-
-
-if __name__ == "__main__":  # `accelerate launch -m hirm_jax.generate ...`
-    from hirm_jax.errors import report
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except Exception as e:  # noqa: BLE001  (user errors get one line and their exit status; bugs keep their traceback)
-        sys.exit(report(e))

@@ -25,10 +25,10 @@ of a full T5 checkpoint (`decoder.*`, `lm_head.weight`) are ignored and logged, 
 `T5EncoderModel.from_pretrained` ignores them. Any other unmapped key, a missing key or a
 wrong shape raises `WeightsError` naming it.
 
-Weight files are read by `hirm_jax.layouts.read_weight_files` (the one safetensors reader: a
+Weight files are read by `hirm_jax.encoder.files.read_weight_files` (the one safetensors reader: a
 single file or the shards of an index; F16 and BF16, as Flux and SD3 ship T5, are upcast
 exactly to float32 by the mapping). A pickle (pytorch_model.bin) is refused unless allow_pickle=True.
-`hirm_jax.layouts.load_text_encoder` picks T5 from config.json and comes here.
+`hirm_jax.encoder.layouts.load_text_encoder` picks T5 from config.json and comes here.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ from typing import Iterator, Mapping, Optional
 
 import numpy as np
 
+import hirm_jax
 from hirm_jax.fileio import atomic_dir, save_safetensors
-from hirm_jax.layouts import WEIGHTS_NAME, read_weight_files
-from hirm_jax.t5 import DTYPES, T5Encoder, T5EncoderConfig
-from hirm_jax.weights import (IDENTITY, Transform, WeightsError, check_param_tree, flat_paths, set_path,
+from hirm_jax.encoder.files import WEIGHTS_NAME, read_weight_files
+from hirm_jax.encoder.t5 import DTYPES, T5Encoder, T5EncoderConfig
+from hirm_jax.encoder.clip_weights import (IDENTITY, Transform, WeightsError, check_param_tree, flat_paths, set_path,
                               short_list)
 
 log = logging.getLogger(__name__)
@@ -251,11 +252,6 @@ def load_t5_folder(source: str | os.PathLike, component: Optional[str] = None, *
     return T5Encoder(config, t5_hf_to_flax(state, config))
 
 
-def _version() -> str:
-    import hirm_jax  # at call time: this module may be imported while the package initialises
-    return hirm_jax.__version__
-
-
 def save_t5_folder(encoder: T5Encoder, out_dir: str | os.PathLike, *, overwrite: bool = False,
                    inputs: Optional[Mapping[str, Optional[str | os.PathLike]]] = None, params=None) -> Path:
     """Write a transformers folder: config.json + model.safetensors (float32, `shared.weight`,
@@ -264,6 +260,6 @@ def save_t5_folder(encoder: T5Encoder, out_dir: str | os.PathLike, *, overwrite:
     params = encoder.params if params is None else params
     state = {k: np.asarray(v, dtype=np.float32) for k, v in t5_flax_to_hf(params, encoder.config).items()}
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
-        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "hirm_jax_version": _version()})
+        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "hirm_jax_version": hirm_jax.__version__})
         (tmp / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     return Path(out_dir)

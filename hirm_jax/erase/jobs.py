@@ -20,10 +20,12 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from hirm_jax import config_lib, objectives, prompts
-from hirm_jax.architectures import architecture_of
-from hirm_jax.model import TextEncoder
-from hirm_jax.tokenizer import encode_prompts
+from hirm_jax import config_lib
+from hirm_jax.erase import objectives
+from hirm_jax.erase import prompts
+from hirm_jax.encoder.architectures import architecture_of
+from hirm_jax.encoder.clip import TextEncoder
+from hirm_jax.encoder.tokenizer import PromptTooLongError, encode_prompts
 
 ENCODE_CHUNK = 64
 
@@ -83,6 +85,21 @@ def tokenize(tokenizer, texts, max_length: int, vocab_size: Optional[int] = None
     return batch["input_ids"], batch["attention_mask"]
 
 
+def _naming_concepts(tok: Callable, concepts: list, templates) -> Callable:
+    """`tok`, with a prompt that is too long reported at its concept's line (file:line or
+    config.concepts[i]): every prompt is checked once, where it is tokenized."""
+    where = {t.format(name): c.where for c in concepts for t in templates for name in (c.name, c.anchor) if name}
+
+    def checked(texts):
+        try:
+            return tok(texts)
+        except PromptTooLongError as e:
+            if e.prompt not in where:
+                raise
+            raise PromptTooLongError(f"{where[e.prompt]}: {e}", e.prompt, e.length) from None
+    return checked
+
+
 def check_token_ids(ids: np.ndarray, texts, vocab_size: int, tokenizer) -> None:
     """Every token id must index the encoder's embedding table (ids < vocab_size). A larger id
     means the tokenizer is not the encoder's; JAX would look it up as NaN, not fail."""
@@ -127,7 +144,7 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
     max_length, vocab_size = arch.max_length(encoder.config, config.encoder.get("max_length", 0)), encoder.config.vocab_size
     weights_of = lambda ids, mask, hook: objectives.position_weights(ids, mask, obj.token_positions, hook,
                                                                       has_bos=arch.has_bos)
-    tok = lambda texts: tokenize(tokenizer, texts, max_length, vocab_size)
+    tok = _naming_concepts(lambda texts: tokenize(tokenizer, texts, max_length, vocab_size), concepts, config.templates)
     encode_fn = make_encode_fn(encoder, hooks, config.encoder.use_attention_mask)
     groups = [list(concepts)] if config.joint else [[c] for c in concepts]
     pairs_per_job = [prompts.build_prompt_pairs(group, config.templates) for group in groups]

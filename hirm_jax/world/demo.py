@@ -1,10 +1,10 @@
 """`hirm-jax demo`: erase a concept from the shipped demo world and measure it, in minutes on a CPU.
 
-    from hirm_jax.demo import run_demo
+    from hirm_jax.world.demo import run_demo
     report = run_demo("heart", method="hirm_s", workdir="workdirs/demo")
 
 Steps: load the shipped world; erase the concept from the world's text encoder in JAX
-(`hirm_jax.train`, config `configs/demo.py`); export the erased encoder as a transformers
+(`hirm_jax.erase.loop`, config `configs/demo.py`); export the erased encoder as a transformers
 folder (what a PyTorch user receives); generate the benchmark grid (every object x style,
 held-out caption templates and seeds) with the original and the erased encoder through the
 world's diffusers UNet; judge every image; print UA / IRA / CRA beside the before-erasure
@@ -14,15 +14,17 @@ figures; write DIR/demo_report.json and DIR/demo_grid.png.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from hirm_jax import log, provenance
 from hirm_jax.config_lib import ConfigError, base_config
 from hirm_jax.fileio import atomic_file, write_json
+
+_log = log.get(__name__)
 
 DEFAULT_CONCEPT = "heart"
 FIRST_EVAL_SEED = 20_000  # the world trains on seeds < 10_000 and reports its quality from 10_000
@@ -93,10 +95,18 @@ def benchmark_grid(seeds_per_cell: int) -> list[dict]:
     return rows
 
 
-def judged_rows(world, images, grid: list[dict], concept: str, kind: str) -> list[dict]:
+def judged_rows(world, images, grid: list[dict], targets: list[str]) -> list[dict]:
+    """Rows for `ua_ira_cra`, one set per erased target. With several targets (a joint erasure),
+    the images prompted with another of them are left out of each target's set."""
+    from hirm_jax import world as w
     preds = world.judge.classify(images)
-    return [dict(row, target=concept, target_kind=kind, object_pred=o, style_pred=s)
-            for row, o, s in zip(grid, preds["object"], preds["style"])]
+    rows = []
+    for target in targets:
+        kind, others = concept_kind(w, target), [x for x in targets if x != target]
+        rows += [dict(row, target=target, target_kind=kind, object_pred=o, style_pred=s)
+                 for row, o, s in zip(grid, preds["object"], preds["style"])
+                 if row["object"] not in others and row["style"] not in others]
+    return rows
 
 
 def figures(rows: list[dict]) -> dict:
@@ -117,64 +127,66 @@ def figures(rows: list[dict]) -> dict:
 def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: str | Path = "workdirs/demo",
              seeds_per_cell: int = 5, world_path: Optional[str] = None) -> dict:
     from hirm_jax import world as w
-    from hirm_jax.export import export_full
-    from hirm_jax.train import train_and_evaluate
-
     timings, t0 = {}, time.perf_counter()
     kind = concept_kind(w, concept)
     if method not in ("hirm_s", "hirm_r"):
         raise ConfigError(f"method must be hirm_s or hirm_r but is {method!r}")
     workdir = Path(workdir)
-    _say(f"loading the demo world ({world_path or 'shipped'})")
+    _log.info(f"[demo] loading the demo world ({world_path or 'shipped'})")
     world = w.load_world(world_path)
     timings["load_world_s"] = time.perf_counter() - t0
-
-    _say(f"erasing {kind} {concept!r} with {method} (JAX, block 0 only)")
-    t = time.perf_counter()
-    config = erase_config(world, concept, method, workdir)
-    erase_dir = workdir / f"erase_{concept}_{method}"
-    shutil.rmtree(erase_dir, ignore_errors=True)  # the demo always erases afresh
-    train_and_evaluate(config, erase_dir)
-    timings["erase_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    erased_folder = export_full(erase_dir, workdir / "erased_text_encoder", overwrite=True)
-    timings["export_s"] = time.perf_counter() - t
+    erase_dir, erased_folder = _erase_and_export(world, concept, method, workdir, timings)
 
     grid = benchmark_grid(seeds_per_cell)
     prompts, seeds = [r["prompt"] for r in grid], [r["seed"] for r in grid]
-    _say(f"generating {len(grid)} images with the original encoder")
+    _log.info(f"[demo] generating {len(grid)} images with the original encoder")
     t = time.perf_counter()
     original = w.generate(world, None, prompts, seeds)
-    _say(f"generating {len(grid)} images with the erased encoder (loaded from {erased_folder})")
+    _log.info(f"[demo] generating {len(grid)} images with the erased encoder (loaded from {erased_folder})")
     erased = w.generate(world, str(erased_folder), prompts, seeds)
     timings["generate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    before = figures(judged_rows(world, original, grid, concept, kind))
-    after = figures(judged_rows(world, erased, grid, concept, kind))
+    before = figures(judged_rows(world, original, grid, [concept]))
+    after = figures(judged_rows(world, erased, grid, [concept]))
     timings["classify_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-
     report = dict(
-        concept=concept, kind=kind, method=method,
-        UA=after["UA"], IRA=after["IRA"], CRA=after["CRA"],
+        concept=concept, kind=kind, method=method, UA=after["UA"], IRA=after["IRA"], CRA=after["CRA"],
         after=after, before=before,
         relative_to_before={m: (after[m] / before[m] if before[m] else None) for m in ("IRA", "CRA")},
         n_images=len(grid), seeds_per_cell=seeds_per_cell, first_seed=FIRST_EVAL_SEED,
         templates=list(w.HELDOUT_TEMPLATES), world=str(world.path), world_sha256=world.config.get("sha256"),
         erase_workdir=str(erase_dir), erased_text_encoder=str(erased_folder), timings=timings,
-        definitions=dict(UA="share of images prompted with the concept that the judge no longer labels as it",
-                         IRA="judge accuracy, on the erased concept's kind, over images prompted without it",
-                         CRA="judge accuracy on the other kind over images prompted without the concept"),
-    )
-    from hirm_jax import provenance
-    report["provenance"] = provenance.provenance()
+        definitions=DEFINITIONS, provenance=provenance.provenance())
     write_json(workdir / "demo_report.json", report)
     _write_grid(workdir / "demo_grid.png", original, erased, grid, concept, kind)
     print(format_table(report))
-    _say(f"wrote {workdir / 'demo_report.json'} and {workdir / 'demo_grid.png'} in {timings['total_s']:.0f}s")
+    _log.info(f"[demo] wrote {workdir / 'demo_report.json'} and {workdir / 'demo_grid.png'} in {timings['total_s']:.0f}s")
     return report
+
+
+DEFINITIONS = dict(UA="share of images prompted with the concept that the judge no longer labels as it",
+                   IRA="judge accuracy, on the erased concept's kind, over images prompted without it",
+                   CRA="judge accuracy on the other kind over images prompted without the concept")
+
+
+def _erase_and_export(world, concept: str, method: str, workdir: Path, timings: dict) -> tuple[Path, Path]:
+    """Erase in JAX, then export the erased encoder (from memory) as a transformers folder."""
+    from hirm_jax import world as w
+    from hirm_jax.artifacts.export import export_full
+    from hirm_jax.run import train_and_evaluate
+    _log.info(f"[demo] erasing {concept_kind(w, concept)} {concept!r} with {method} (JAX, block 0 only)")
+    t = time.perf_counter()
+    config = erase_config(world, concept, method, workdir)
+    erase_dir = workdir / f"erase_{concept}_{method}"
+    shutil.rmtree(erase_dir, ignore_errors=True)  # the demo always erases afresh
+    result = train_and_evaluate(config, erase_dir, keep_trained=True)
+    timings["erase_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    erased_folder = export_full(result.erased_run(), workdir / "erased_text_encoder", overwrite=True)
+    timings["export_s"] = time.perf_counter() - t
+    return erase_dir, erased_folder
 
 
 def format_table(report: dict) -> str:
@@ -217,7 +229,3 @@ def _write_grid(path: Path, original, erased, grid, concept: str, kind: str) -> 
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
-
-
-def _say(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)

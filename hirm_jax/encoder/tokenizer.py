@@ -39,7 +39,11 @@ NUM_MERGES = 49152 - 256 - 2  # 48894: CLIP's vocabulary is 49408 = 2 * 256 + me
 
 
 class PromptTooLongError(HirmError, ValueError):
-    """A prompt needs more tokens than the text encoder has positions."""
+    """A prompt needs more tokens than the text encoder has positions (`prompt`, its `length`)."""
+
+    def __init__(self, message: str, prompt: Optional[str] = None, length: Optional[int] = None):
+        super().__init__(message)
+        self.prompt, self.length = prompt, length
 
 
 class TokenizerError(HirmError, ValueError):
@@ -172,6 +176,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENG
     for prompt, n in zip(prompts, lengths):
         if n > max_length:
             raise PromptTooLongError(f"prompt must fit in {max_length} tokens ({special_tokens_note(tokenizer)}) "
-                                     f"but has {n}: {prompt!r}")
+                                     f"but has {n}: {prompt!r}", prompt, n)
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=False, return_tensors="np")
     return dict(input_ids=batch["input_ids"].astype(np.int32), attention_mask=batch["attention_mask"].astype(np.int32))

@@ -10,7 +10,7 @@
 - a transformers folder: config.json + model.safetensors, or shards listed in
   model.safetensors.index.json (`CLIPTextModel` or `CLIPTextModelWithProjection`; flat
   `encoder.layers.*` or `text_model.*` names), or a `T5EncoderModel` folder (config.json says
-  T5: Flux `text_encoder_2`, SD3 `text_encoder_3`), which loads as a `hirm_jax.t5.T5Encoder`;
+  T5: Flux `text_encoder_2`, SD3 `text_encoder_3`), which loads as a `hirm_jax.encoder.t5.T5Encoder`;
 - a diffusers pipeline folder (model_index.json) plus `component` (text_encoder, text_encoder_2);
 - a single-file Stable Diffusion checkpoint (.safetensors) plus `component` where it holds two
   encoders; see SINGLE_FILE_ENCODERS. Each encoder is detected on its own, so a file holding
@@ -39,22 +39,19 @@ from typing import Callable, Iterable, Mapping, Optional
 import jax
 import numpy as np
 from flax import serialization
-from safetensors import safe_open
 
+import hirm_jax
+from hirm_jax.encoder.files import (FLAX_PARAMS_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, read_json, read_pickle,
+                                    read_safetensors, read_weight_files, safetensors_keys)
 from hirm_jax.fileio import atomic_dir, save_safetensors
-from hirm_jax.model import TextEncoder, TextEncoderConfig
-from hirm_jax.weights import (WeightsError, canonical_hf_state, check_params, flax_to_hf, hf_to_flax,
+from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
+from hirm_jax.encoder.clip_weights import (WeightsError, canonical_hf_state, check_params, flax_to_hf, hf_to_flax,
                               infer_config, openclip_layer_count, openclip_to_hf)
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
-FLAX_PARAMS_NAME = "flax_params.msgpack"
 FLAX_FORMAT = "hirm_jax.flax_text_encoder"
 FLAX_FORMAT_VERSION = 1
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,51 +83,6 @@ SINGLE_FILE_ENCODERS: dict[str, tuple[SingleFileEncoder, ...]] = {
 # --------------------------------------------------------------------------------------------
 # Reading tensors.
 
-def _read_safetensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, np.ndarray]:
-    """The tensors of one .safetensors file whose names pass `keep` (only those are read)."""
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {key: f.get_tensor(key) for key in f.keys() if keep(key)}
-    except Exception as e:  # safetensors raises several types for corrupt/truncated files
-        raise WeightsError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return list(f.keys())
-    except Exception as e:
-        raise WeightsError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
-
-
-class PickleRefusedError(WeightsError):
-    """A pickled checkpoint read without opting in; `path` is the file, `switch` names the opt-in."""
-
-    def __init__(self, path: Path, switch: str = "allow_pickle=True (--allow-pickle)"):
-        self.path = path
-        super().__init__(f"{path} is a pickle ({path.suffix}); unpickling can run arbitrary code, so it is "
-                         f"refused. Convert it to .safetensors, or pass {switch} if you trust it")
-
-
-def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
-    if not allow_pickle:
-        raise PickleRefusedError(path)
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightsError(f"reading {path} needs torch (pip install torch)") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"cannot read {path} with torch.load(weights_only=True): {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # Lightning-style SD .ckpt
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path} does not hold a state dict but a {type(obj).__name__}")
-    # float() upcasts fp16/bf16 exactly; numpy has no bfloat16 of its own.
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items() if torch.is_tensor(v)}
-
-
 # --------------------------------------------------------------------------------------------
 # Loaders, one per layout.
 
@@ -159,21 +111,10 @@ def config_from_hf(hf_config: dict, has_projection: bool, where: str) -> TextEnc
     return _valid_config(where, lambda: TextEncoderConfig.from_hf_dict(hf_config, has_projection=has_projection))
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`; WeightsError naming the file when it is not one."""
-    try:
-        value = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise WeightsError(f"{path} must hold a JSON object but holds a {type(value).__name__}")
-    return value
-
-
 def _read_hf_config(folder: Path) -> dict:
     """config.json of a transformers folder, checked to describe a CLIP text encoder before any
     weight is read."""
-    hf_config = _read_json(folder / "config.json")
+    hf_config = read_json(folder / "config.json")
     model_type = hf_config.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
         raise WeightsError(f"{folder / 'config.json'} must describe a CLIP text model "
@@ -182,64 +123,14 @@ def _read_hf_config(folder: Path) -> dict:
     return hf_config
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The files a transformers folder's weights are read from, in order of preference:
-    model.safetensors, else model.safetensors.index.json and its shards, else pytorch_model.bin."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        return [folder / WEIGHTS_INDEX_NAME, *(folder / shard for shard in sorted(set(_weight_map(folder).values())))]
-    if (folder / PICKLE_WEIGHTS_NAME).is_file():
-        return [folder / PICKLE_WEIGHTS_NAME]
-    raise WeightsError(f"{folder} has config.json but no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or "
-                       f"{PICKLE_WEIGHTS_NAME}; found {sorted(p.name for p in folder.iterdir())}")
-
-
-def read_weight_files(folder: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The state dict of a transformers folder (see `weight_files`; a pickle only with allow_pickle)."""
-    first = weight_files(folder)[0]
-    if first.name == WEIGHTS_NAME:
-        return _read_safetensors(first)
-    if first.name == WEIGHTS_INDEX_NAME:
-        return _read_sharded(folder)
-    return _read_pickle(first, allow_pickle)
-
-
 def load_transformers_folder(folder: Path, allow_pickle: bool = False):
     """config.json + weights (see `read_weight_files`): a CLIP text encoder, or a T5 encoder when
-    config.json says T5 (`hirm_jax.t5_weights`)."""
-    from hirm_jax import t5_weights  # noqa: PLC0415  (it reads its files through this module)
-    if t5_weights.is_t5_config(_read_json(folder / "config.json")):
+    config.json says T5 (`hirm_jax.encoder.t5_weights`)."""
+    from hirm_jax.encoder import t5_weights  # noqa: PLC0415  (it reads its files through this module)
+    if t5_weights.is_t5_config(read_json(folder / "config.json")):
         return t5_weights.load_t5_folder(folder, allow_pickle=allow_pickle)
     hf_config = _read_hf_config(folder)
     return _encoder_from_hf_state(read_weight_files(folder, allow_pickle), hf_config, source=str(folder))
-
-
-def _weight_map(folder: Path) -> dict[str, str]:
-    index_path = folder / WEIGHTS_INDEX_NAME
-    try:
-        weight_map = _read_json(index_path)["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
-        return weight_map
-    except (KeyError, TypeError) as e:
-        raise WeightsError(f"{index_path} must be JSON with a 'weight_map' object but is not: {e}") from e
-
-
-def _read_sharded(folder: Path) -> dict[str, np.ndarray]:
-    index_path = folder / WEIGHTS_INDEX_NAME
-    weight_map = _weight_map(folder)
-    state: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (folder / shard).is_file():
-            raise WeightsError(f"{index_path} lists shard {shard!r}, which is not in {folder}")
-        listed = {k for k, v in weight_map.items() if v == shard}
-        tensors = _read_safetensors(folder / shard)
-        if set(tensors) != listed:
-            raise WeightsError(f"shard {shard} does not hold what {WEIGHTS_INDEX_NAME} lists: missing "
-                               f"{sorted(listed - set(tensors))[:8]}, unlisted {sorted(set(tensors) - listed)[:8]}")
-        state.update(tensors)
-    return state
 
 
 def _pipeline_components(folder: Path) -> list[str]:
@@ -300,15 +191,15 @@ def _choose_single_file_encoder(path: Path, family: str, keys: list[str],
 def load_single_file(path: Path, component: Optional[str], allow_pickle: bool = False) -> TextEncoder:
     """A text encoder out of a single-file SD 1.x / 2.x / SDXL checkpoint."""
     if path.suffix in PICKLE_SUFFIXES:
-        tensors = _read_pickle(path, allow_pickle)
+        tensors = read_pickle(path, allow_pickle)
         keys = list(tensors)
     else:
-        tensors, keys = None, _safetensors_keys(path)
+        tensors, keys = None, safetensors_keys(path)
     family = detect_single_file_family(keys)
     enc = _choose_single_file_encoder(path, family, keys, component)
     component = enc.component
     if tensors is None:
-        tensors = _read_safetensors(path, keep=lambda key: key.startswith(enc.prefix))
+        tensors = read_safetensors(path, keep=lambda key: key.startswith(enc.prefix))
     state = {k[len(enc.prefix):]: v for k, v in tensors.items() if k.startswith(enc.prefix)}
     source = f"{path} ({family} {component})"
     if enc.key_format == "openclip":
@@ -323,7 +214,7 @@ def load_single_file(path: Path, component: Optional[str], allow_pickle: bool = 
 
 def load_flax_checkpoint(folder: Path) -> TextEncoder:
     """A folder written by `save_flax_checkpoint`."""
-    meta = _read_json(folder / "config.json")
+    meta = read_json(folder / "config.json")
     if meta.get("format") != FLAX_FORMAT or meta.get("format_version") != FLAX_FORMAT_VERSION:
         raise WeightsError(f"{folder / 'config.json'} must declare format {FLAX_FORMAT!r} version "
                            f"{FLAX_FORMAT_VERSION} but declares {meta.get('format')!r} {meta.get('format_version')!r}")
@@ -390,11 +281,6 @@ def load_text_encoder(source: str | os.PathLike, component: Optional[str] = None
 # --------------------------------------------------------------------------------------------
 # Writers.
 
-def _version() -> str:
-    import hirm_jax  # at call time: this module is imported while the package initialises
-    return hirm_jax.__version__
-
-
 def save_text_encoder(encoder: TextEncoder, out_dir: str | os.PathLike, params=None, overwrite: bool = False,
                       inputs: Optional[Mapping[str, str | os.PathLike]] = None) -> Path:
     """Write a transformers folder (config.json + model.safetensors, `text_model.*` layout, float32).
@@ -403,14 +289,14 @@ def save_text_encoder(encoder: TextEncoder, out_dir: str | os.PathLike, params=N
     load it with no missing or unexpected keys; it can replace a diffusers pipeline's
     text_encoder / text_encoder_2 folder.
     """
-    from hirm_jax import t5_weights  # noqa: PLC0415
+    from hirm_jax.encoder import t5_weights  # noqa: PLC0415
     if isinstance(encoder, t5_weights.T5Encoder):
         return t5_weights.save_t5_folder(encoder, out_dir, overwrite=overwrite, inputs=inputs, params=params)
     params = encoder.params if params is None else params
     state = flax_to_hf(params, encoder.config)
     state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
-        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "hirm_jax_version": _version()})
+        save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "hirm_jax_version": hirm_jax.__version__})
         (tmp / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
 
@@ -425,7 +311,7 @@ def save_flax_checkpoint(encoder: TextEncoder, out_dir: str | os.PathLike, param
     params = encoder.params if params is None else params
     check_params(params, encoder.config)
     numpy_params = serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, params))
-    meta = dict(format=FLAX_FORMAT, format_version=FLAX_FORMAT_VERSION, hirm_jax_version=_version(),
+    meta = dict(format=FLAX_FORMAT, format_version=FLAX_FORMAT_VERSION, hirm_jax_version=hirm_jax.__version__,
                 config=dataclasses.asdict(encoder.config))
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         (tmp / FLAX_PARAMS_NAME).write_bytes(serialization.msgpack_serialize(numpy_params))

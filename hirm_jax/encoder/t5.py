@@ -11,7 +11,7 @@ T5 v1.1 / T5-XXL is Flux's `text_encoder_2` and SD3's `text_encoder_3`; the orig
 - feed-forward `wo(act(wi_0 x) * wi_1 x)` (gated, T5 v1.1: gelu_new) or `wo(act(wi x))` (v1.0: relu);
 - a final RMS norm.
 
-The parameter tree mirrors the PyTorch keys (see `hirm_jax.t5_weights.T5_MAPPING_TABLE`):
+The parameter tree mirrors the PyTorch keys (see `hirm_jax.encoder.t5_weights.T5_MAPPING_TABLE`):
 
     encoder.block.0.layer.0.SelfAttention.q.weight
     params["encoder"]["block"]["0"]["layer"]["0"]["SelfAttention"]["q"]["kernel"]   (transposed)

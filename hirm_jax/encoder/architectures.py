@@ -12,10 +12,10 @@ The erase config names trainable modules with one vocabulary for every architect
 (config_lib.TRAINABLE_MODULES: self_attn, mlp, layer_norm1, layer_norm2); each architecture
 says which parameters those are.
 
-CLIP (`hirm_jax.model.TextEncoder`): block i is `encoder/layers/i`; modules are its own names;
+CLIP (`hirm_jax.encoder.clip.TextEncoder`): block i is `encoder/layers/i`; modules are its own names;
 prompts are 77 tokens (max_position_embeddings) starting with <|startoftext|>.
 
-T5 (`hirm_jax.t5.T5Encoder`, Flux `text_encoder_2`, SD3 `text_encoder_3`): block i is
+T5 (`hirm_jax.encoder.t5.T5Encoder`, Flux `text_encoder_2`, SD3 `text_encoder_3`): block i is
 `encoder/block/i`. "Block 0" for HiRM means block 0's OWN computation:
     self_attn   = layer/0/SelfAttention/{q,k,v,o}      (NOT relative_attention_bias)
     layer_norm1 = layer/0/layer_norm                  (the RMS norm before self-attention)
@@ -82,9 +82,9 @@ class Architecture:
 
 
 def _clip() -> Architecture:
-    from hirm_jax.model import TextEncoder, TextEncoderConfig  # noqa: PLC0415
-    from hirm_jax.tokenizer import load_clip_tokenizer  # noqa: PLC0415
-    from hirm_jax.weights import expand_table  # noqa: PLC0415
+    from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig  # noqa: PLC0415
+    from hirm_jax.encoder.tokenizer import load_clip_tokenizer  # noqa: PLC0415
+    from hirm_jax.encoder.clip_weights import expand_table  # noqa: PLC0415
     return Architecture(
         name="clip", encoder_class=TextEncoder, config_class=TextEncoderConfig, blocks_path="encoder/layers",
         modules={m: (f"{m}/",) for m in ("self_attn", "mlp", "layer_norm1", "layer_norm2")},
@@ -94,9 +94,9 @@ def _clip() -> Architecture:
 
 
 def _t5() -> Architecture:
-    from hirm_jax.t5 import T5Encoder, T5EncoderConfig  # noqa: PLC0415
-    from hirm_jax.t5_weights import expand_t5_table  # noqa: PLC0415
-    from hirm_jax.tokenizer import load_t5_tokenizer  # noqa: PLC0415
+    from hirm_jax.encoder.t5 import T5Encoder, T5EncoderConfig  # noqa: PLC0415
+    from hirm_jax.encoder.t5_weights import expand_t5_table  # noqa: PLC0415
+    from hirm_jax.encoder.tokenizer import load_t5_tokenizer  # noqa: PLC0415
     return Architecture(
         name="t5", encoder_class=T5Encoder, config_class=T5EncoderConfig, blocks_path="encoder/block",
         modules={"self_attn": tuple(f"layer/0/SelfAttention/{p}/" for p in ("q", "k", "v", "o")),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hirm_jax.config_lib import CONCEPT_TYPES, ConfigError, name_key
-from hirm_jax.tokenizer import TOKENIZER_FILES, load_clip_tokenizer
+from hirm_jax.encoder.tokenizer import TOKENIZER_FILES, load_clip_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,18 +99,6 @@ def _check_concepts(numbered: list[tuple[int, Concept]], where: str) -> list[Con
     return [c for _, c in numbered]
 
 
-def check_prompt_lengths(concepts: Sequence[Concept], templates: Sequence[str], tokenizer, max_length: int) -> None:
-    """Every prompt (and anchor prompt) fits in max_length tokens, or an error names the concept's line."""
-    from hirm_jax.tokenizer import PromptTooLongError, special_tokens_note
-    for c in concepts:
-        for text in [t.format(c.name) for t in templates] + ([t.format(c.anchor) for t in templates] if c.anchor else []):
-            n = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
-            if n > max_length:
-                raise PromptTooLongError(
-                    f"{c.where}: prompt must fit in {max_length} tokens ({special_tokens_note(tokenizer)}) "
-                    f"but has {n}: {text[:80]!r}{'...' if len(text) > 80 else ''}")
-
-
 def build_prompt_pairs(concepts: Sequence[Concept], templates: Sequence[str]) -> list[PromptPair]:
     """Every concept in every template, with its anchor substituted in the same template."""
     return [
@@ -142,7 +130,7 @@ def tokenizer_folder(encoder_path: str | Path, component: Optional[str], tokeniz
 def load_tokenizer(encoder_path: str | Path, component: Optional[str] = None, tokenizer_path: Optional[str] = None,
                    architecture=None):
     """The encoder's own tokenizer, through transformers: CLIP's, or T5's when `architecture`
-    (`hirm_jax.architectures.Architecture`) says so. `encoder_path` may be a hub id
+    (`hirm_jax.encoder.architectures.Architecture`) says so. `encoder_path` may be a hub id
     (`org/name[@revision]`, resolved through the hub cache as `hirm_jax.hub.resolve` does)."""
     from hirm_jax import hub
     if not tokenizer_path:

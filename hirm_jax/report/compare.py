@@ -11,21 +11,22 @@ ordinary prompts; compare.json / compare.md hold one row per method.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from hirm_jax import export, masking, textreport
+from hirm_jax.erase import masking
+from hirm_jax.erase.workdir import RunError, Workdir, load_run
+from hirm_jax.report import textreport
 from hirm_jax.fileio import atomic_file, write_json
 
 
 def average_runs(runs: list) -> dict:
-    """base + mean_i(erased_i - base) over the trained leaves of several `export.Run`s of one base."""
+    """base + mean_i(erased_i - base) over the trained leaves of several `ErasedRun`s of one base."""
     base = masking.flatten(runs[0].base.params)
     averaged = dict(base)
-    for path in runs[0].run["trainable_paths"]:
+    for path in runs[0].record.trainable_paths:
         start = np.asarray(base[path], np.float32)
         averaged[path] = start + np.mean(
             [np.asarray(masking.flatten(r.erased_params)[path], np.float32) - start for r in runs], axis=0)
@@ -35,22 +36,21 @@ def average_runs(runs: list) -> dict:
 def averaged_params(independent_workdir: str | os.PathLike):
     """(base encoder, averaged params, concept names) of a joint=False workdir."""
     workdir = Path(independent_workdir)
-    index = workdir / "index.json"
-    if not index.is_file():
-        raise export.RunError(f"{workdir} has no index.json: it is not a finished joint=False (one delta per concept) run")
-    folders = json.loads(index.read_text())["concepts"]
+    if not (workdir / "index.json").is_file():
+        raise RunError(f"{workdir} has no index.json: it is not a finished joint=False (one delta per concept) run")
+    folders = Workdir(workdir).read_index().concepts
     paths = [workdir / folder for folder in folders.values()]
-    first = export.load_run(paths[0])
-    runs = [first] + [export.load_run(p, first.base) for p in paths[1:]]  # the base is read once
+    first = load_run(paths[0])
+    runs = [first] + [load_run(p, first.base) for p in paths[1:]]  # the base is read once
     return runs[0].base, average_runs(runs), sorted(folders)
 
 
 def compare_joint_vs_average(joint_workdir: str | os.PathLike, independent_workdir: str | os.PathLike,
                              out_dir: str | os.PathLike) -> dict:
-    joint = export.load_run(joint_workdir)
+    joint = load_run(joint_workdir)
     _, averaged, concepts = averaged_params(independent_workdir)
-    if sorted(joint.run["concepts"]) != concepts:
-        raise export.RunError(f"the joint run erased {sorted(joint.run['concepts'])} but the independent run {concepts}; "
+    if sorted(joint.record.concepts) != concepts:
+        raise RunError(f"the joint run erased {sorted(joint.record.concepts)} but the independent run {concepts}; "
                               "compare runs over the same concepts")
     out_dir = Path(out_dir)
     reports = {

@@ -30,11 +30,11 @@ def trainable_paths(params, blocks: Sequence[int] = (0,), modules: Sequence[str]
                     regex: str = "", architecture=None) -> list[str]:
     """Paths of the leaves that train: `regex` if given, else `modules` of `blocks`.
 
-    `architecture` (`hirm_jax.architectures.Architecture`, default CLIP) says where the blocks
+    `architecture` (`hirm_jax.encoder.architectures.Architecture`, default CLIP) says where the blocks
     are and which leaves a module name means; for T5 no module includes the relative
-    attention bias block 0 holds for every block (see hirm_jax.architectures)."""
+    attention bias block 0 holds for every block (see hirm_jax.encoder.architectures)."""
     if architecture is None:
-        from hirm_jax.architectures import architecture as by_name  # noqa: PLC0415
+        from hirm_jax.encoder.architectures import architecture as by_name  # noqa: PLC0415
         architecture = by_name("clip")
     paths = list(flatten(params))
     if regex:

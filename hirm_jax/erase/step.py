@@ -1,0 +1,126 @@
+"""The HiRM train step: optimizer, loss, and the vmapped, jitted step over independent jobs.
+
+    optimizer = make_optimizer(config.train)
+    loss_fn = make_loss_fn(encoder, ("mlp_out:-1",), use_attention_mask=False, preservation_weight=0.0)
+    step = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0)
+    state, metrics = step(init_state(trainable, optimizer, num_jobs), frozen, per_job, shared, *batch_indices(...))
+
+Only the trainable subtree is differentiated (`masking.split`); the frozen one is an argument.
+Jobs (one delta per concept) are stacked on a leading axis and vmapped; a joint run is the
+one-job case. Everything here is a pure function of its arguments: the loop (`erase.loop`)
+and the set-up (`erase.setup`) place them on the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from hirm_jax.encoder.clip import TextEncoder
+from hirm_jax.erase import masking, objectives, sharding
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+    adam = optax.adam(train_cfg.learning_rate, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps)
+    if train_cfg.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), adam)
+    return adam
+
+
+def make_loss_fn(encoder: TextEncoder, hooks, use_attention_mask: bool, preservation_weight: float,
+                 batch_sharding: Optional[NamedSharding] = None) -> Callable:
+    """loss(trainable, frozen, job_arrays, shared, indices, example_weights) for ONE job."""
+    def rep_loss(params, ids, mask, targets, weights, example_weights=None):
+        out = encoder.apply(params, ids, mask if use_attention_mask else None)
+        return sum(objectives.misdirection_loss(objectives.read_hook(out, h), targets[h], weights[h], example_weights)
+                   for h in hooks)
+
+    def loss_fn(trainable, frozen, job_arrays, shared, indices, example_weights):
+        params = masking.merge(trainable, frozen)
+        batch = jax.tree_util.tree_map(lambda x: x[indices], job_arrays)
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        misdirection = rep_loss(params, batch["input_ids"], batch["attention_mask"], batch["targets"],
+                                batch["weights"], example_weights)
+        preservation = jnp.zeros((), jnp.float32)
+        if preservation_weight > 0:
+            preservation = rep_loss(params, shared["retain_ids"], shared["retain_mask"],
+                                    shared["retain_targets"], shared["retain_weights"])
+        return misdirection + preservation_weight * preservation, (misdirection, preservation)
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    spmd_axis_name: Optional[str] = None) -> Callable:
+    """(state, frozen, per_job, shared, indices, example_weights) -> (state, metrics[J]).
+
+    vmapped over the job axis; a non-finite loss or gradient leaves that job's state unchanged
+    and records the step in state["bad_step"][job]."""
+    def job_step(job, job_arrays, frozen, shared, indices, example_weights, step):
+        """One job's update; `job` = its trainable leaves, Adam state and first bad step."""
+        trainable, opt_state = job["trainable"], job["opt_state"]
+        (total, (misdirection, preservation)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, frozen, job_arrays, shared, indices, example_weights)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+        bad_step = jnp.where(ok | (job["bad_step"] >= 0), job["bad_step"], step)
+        metrics = dict(loss=total, misdirection=misdirection, preservation=preservation, grad_norm=grad_norm)
+        new_job = dict(trainable=keep(new_trainable, trainable), opt_state=keep(new_opt_state, opt_state),
+                       bad_step=bad_step)
+        return new_job, metrics
+
+    batched = jax.vmap(job_step, in_axes=(0, 0, None, None, None, None, None), spmd_axis_name=spmd_axis_name)
+
+    def train_step(state, frozen, per_job, shared, indices, example_weights):
+        jobs = {k: state[k] for k in ("trainable", "opt_state", "bad_step")}
+        jobs, metrics = batched(jobs, per_job, frozen, shared, indices, example_weights, state["step"])
+        return dict(step=state["step"] + 1, **jobs), metrics
+    return train_step
+
+
+def init_state(trainable: dict, optimizer, num_jobs: int = 1) -> dict:
+    """Every job starts from the base weights; leaves get a leading [num_jobs] axis."""
+    stacked = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_jobs, *x.shape)), trainable)
+    return dict(step=jnp.zeros((), jnp.int32), trainable=stacked, opt_state=jax.vmap(optimizer.init)(stacked),
+                bad_step=jnp.full((num_jobs,), -1, jnp.int32))
+
+
+def state_shardings(state: dict, mesh) -> dict:
+    return dict(step=sharding.replicated(mesh),
+                trainable=jax.tree_util.tree_map(lambda x: sharding.job_state(mesh, x.shape), state["trainable"]),
+                opt_state=jax.tree_util.tree_map(lambda x: sharding.job_state(mesh, x.shape), state["opt_state"]),
+                bad_step=sharding.per_job(mesh))
+
+
+def batch_indices(step: int, num_prompts: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt indices and 0/1 example weights of a step; a pure function of (step, seed), so
+    a resumed run sees the same batches. Batches always have `batch_size` rows (padded)."""
+    steps_per_epoch = math.ceil(num_prompts / batch_size)
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.arange(num_prompts)
+    if steps_per_epoch > 1:
+        order = np.random.default_rng([seed, epoch]).permutation(num_prompts)
+    chosen = order[k * batch_size:(k + 1) * batch_size]
+    weights = np.ones(batch_size, np.float32)
+    if len(chosen) < batch_size:
+        weights[len(chosen):] = 0.0
+        chosen = np.concatenate([chosen, np.zeros(batch_size - len(chosen), chosen.dtype)])
+    return chosen.astype(np.int32), weights
+
+
+def pad_jobs(tree, num_padded: int):
+    """Repeat job 0 to fill the padded job slots (their results are discarded)."""
+    def pad(x):
+        x = np.asarray(x)
+        extra = num_padded - x.shape[0]
+        return x if extra == 0 else np.concatenate([x, np.repeat(x[:1], extra, axis=0)])
+    return jax.tree_util.tree_map(pad, tree)
