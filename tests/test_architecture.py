@@ -5,11 +5,11 @@ Floors, lowest first (a module may import its own floor and the floors below):
     encoder     the Flax encoders, their mapping tables, on-disk layouts, tokenizers
     erase       prompts, jobs, objectives, masking, sharding, checkpoint, step, setup, loop, workdir
     artifacts   export, delta (numpy only)
-    report      text report, loss plot, joint-vs-averaged comparison
+    report      text report, loss plot, joint-vs-averaged comparison; and hirm_jax.run (erase, then report)
     pipelines   image generation with diffusers, a delta applied to a torch pipeline
     evaluation  suites, metrics, results
     world       the demo world, the demo, its benchmark
-    top         run (erase + report), cli, main
+    top         cli, main
 Every import counts, also one inside a function. torch and diffusers are imported only in
 pipelines, evaluation and world (and encoder/files.py reads an opted-in pickle with torch).
 """
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent / "hirm_jax"
 CORE = {"hirm_jax", "hirm_jax._compat", "hirm_jax.errors", "hirm_jax.log", "hirm_jax.fileio", "hirm_jax.config_lib",
         "hirm_jax.hub", "hirm_jax.resources", "hirm_jax.provenance"}
 STAGES = ["encoder", "erase", "artifacts", "report", "pipelines", "evaluation", "world"]
-TOP = {"hirm_jax.run", "hirm_jax.cli", "hirm_jax.main"}
+TOP = {"hirm_jax.cli", "hirm_jax.main"}
+ON_A_STAGE = {"hirm_jax.run": "report"}  # top-level modules that sit on a stage's floor
 TORCH_ALLOWED = {"pipelines", "evaluation", "world"}
 TORCH_EXCEPTIONS = {"hirm_jax.encoder.files"}  # read_pickle: torch.load(weights_only=True), opt-in only
 MAX_FUNCTION_LINES = 59
@@ -45,6 +46,8 @@ def floor(module: str) -> int:
         return 0
     if module in TOP:
         return len(STAGES) + 1
+    if module in ON_A_STAGE:
+        return STAGES.index(ON_A_STAGE[module]) + 1
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in STAGES:
         return STAGES.index(parts[1]) + 1

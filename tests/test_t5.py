@@ -480,6 +480,7 @@ def test_folder_refusals(models, tmp_path):
         load_t5_folder(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_load_text_encoder_picks_t5_from_config_json(tmp_path):
     """The one entry point reads a T5 folder (and a pipeline's T5 component) as a T5Encoder, and
     save_text_encoder writes it back bit for bit."""

@@ -164,6 +164,7 @@ def test_t5_hirm_r_moves_concept_toward_the_random_target(erased_r, t5_dir):
         2 * (m["ordinary"]["cos_after"] - m["ordinary"]["cos_before"]), m
 
 
+@pytest.mark.slow
 def test_t5_only_block0_own_leaves_train_the_rest_is_bit_identical_to_the_base_file(erased_s, t5_dir, tmp_path):
     run = json.loads((erased_s / "run.json").read_text())
     assert set(run["trainable_paths"]) == TRAINED and BIAS not in run["trainable_paths"]

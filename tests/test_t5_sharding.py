@@ -120,6 +120,7 @@ def test_t5_step_sharded_over_fsdp_and_concepts_equals_unsharded(t5_dir, unshard
         assert (diff > 1e-6).mean() < 1e-3, (path, int((diff > 1e-6).sum()))
 
 
+@pytest.mark.slow
 def test_bench_abstract_step_lowers_to_plan_erases_step(t5_dir):
     spec = importlib.util.spec_from_file_location("bench_t5_memory", REPO / "bench" / "bench_t5_memory.py")
     bench = importlib.util.module_from_spec(spec)

@@ -43,6 +43,7 @@ def test_names_and_captions():
         data.render("dragon", "plain", np.random.default_rng(0))
 
 
+@pytest.mark.slow
 def test_shipped_text_encoder_is_a_clip_text_model(shipped):
     from transformers import CLIPTextModel
 
