@@ -276,6 +276,8 @@ def _finish(s: _Session) -> dict:
                                      timings_s=timings)
         if sharding.is_writer():
             s.wd.write_run(record)
+        if s.finished:
+            s.finished[0] = dataclasses.replace(s.finished[0], record=record)
         summary = record.to_json()
     else:
         index = IndexRecord(concepts={jobs[0].name: str(folder.relative_to(s.wd.path))

@@ -99,8 +99,29 @@ class BaseRecord:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
+class _Record:
+    """to_json / from_json of the records in run.json and index.json."""
+
+    def to_json(self) -> dict:
+        """The record as its file holds it (timings_s only once there are timings)."""
+        out = {**dataclasses.asdict(self), "base": self.base.to_json()}
+        if out.get("timings_s", {}) is None:
+            del out["timings_s"]
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict):
+        """Unknown keys are ignored, missing or null ones take their defaults, no schema_version
+        means version 1 (hirm_jax 0.1); a missing required field is a TypeError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in d.items() if k in known and v is not None}
+        fields["base"] = BaseRecord.from_json(d["base"])
+        fields.setdefault("schema_version", 1)
+        return cls(**fields)
+
+
 @dataclasses.dataclass(frozen=True)
-class RunRecord:
+class RunRecord(_Record):
     """run.json: one erasure (a joint run, or one concept of a joint=False run)."""
     base: BaseRecord
     concepts: list
@@ -123,21 +144,9 @@ class RunRecord:
     timings_s: Optional[dict] = None  # joint runs, once finished
     schema_version: int = SCHEMA_VERSION
 
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "base": self.base.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "RunRecord":
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in d.items() if k in known}
-        fields["base"] = BaseRecord.from_json(d["base"])
-        fields.setdefault("schema_version", 1)
-        fields = {k: v for k, v in fields.items() if v is not None or k in ("final_loss",)}
-        return cls(**fields)
-
 
 @dataclasses.dataclass(frozen=True)
-class IndexRecord:
+class IndexRecord(_Record):
     """index.json of a joint=False run: concept -> its folder (relative to the workdir)."""
     concepts: dict
     base: BaseRecord
@@ -146,17 +155,6 @@ class IndexRecord:
     chunks: list = dataclasses.field(default_factory=list)
     timings_s: Optional[dict] = None
     schema_version: int = SCHEMA_VERSION
-
-    def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "base": self.base.to_json()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "IndexRecord":
-        known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in d.items() if k in known and v is not None}
-        fields["base"] = BaseRecord.from_json(d.get("base") or {"source": None})
-        fields.setdefault("schema_version", 1)
-        return cls(**fields)
 
 
 # ----------------------------------------------------------------------------- the folder
