@@ -66,6 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.super_categories = ml_collections.FieldReference({}, field_type=object)
     c.templates = ("{}",)  # "{}" = the bare keyword, as the reference implementation
     c.joint = True  # all concepts into one encoder (False: one delta per concept; see scale-out)
+    # Several encoders of one pipeline (Flux: CLIP-L + T5; SD3: two CLIPs + T5): {component:
+    # {"dotted.field": value}}. Each listed component is erased in turn, with its own overrides
+    # (hooks, max_length, ...), into WORKDIR/components/<component>/; export gives one delta keyed
+    # by component. {} (default): the one encoder of encoder.path / encoder.component.
+    c.components = ml_collections.FieldReference({}, field_type=object)
     c.objective = _objective_fields()
     c.preservation = _preservation_fields()
     c.train = _train_fields()
@@ -219,8 +224,39 @@ def _check_concept_fields(c: ml_collections.ConfigDict) -> None:
         seen[key] = name
 
 
+def component_config(c: ml_collections.ConfigDict, component: str) -> ml_collections.ConfigDict:
+    """The config of one component of a several-encoder erase: encoder.component set, the
+    component's overrides applied, `components` cleared. An unknown field is a ConfigError."""
+    overrides = c.components[component]
+    sub = c.copy_and_resolve_references()
+    with sub.unlocked():
+        sub.components = {}
+        sub.encoder.component = component
+    for dotted, value in overrides.items():
+        parent, _, leaf = dotted.rpartition(".")
+        try:
+            holder = field_value(sub, parent) if parent else sub
+            _require(leaf in holder and dotted not in ("components", "encoder.component"), "")
+            holder[leaf] = tuple(value) if isinstance(value, list) else value
+        except (KeyError, AttributeError, TypeError, ConfigError) as e:
+            raise ConfigError(f"components[{component!r}] overrides {dotted!r}, which is not a field a component "
+                              f"can set (a config field other than components and encoder.component)") from e
+    return sub
+
+
+def _check_components(c: ml_collections.ConfigDict) -> None:
+    components = c.components
+    _require(hasattr(components, "items") and all(isinstance(k, str) and k and hasattr(v, "items")
+                                                  for k, v in components.items()),
+             f"components must be a dict {{component: {{'field.name': value}}}} but is {components!r}")
+    for name in components:
+        validate(component_config(c, name))
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for any value outside its rule (before anything is loaded)."""
+    if c.components:
+        return _check_components(c)
     _require(bool(c.encoder.path), "encoder.path must name a pipeline folder, encoder folder, .safetensors file or "
                                    "hub id (org/name[@revision]), but is empty")
     _require(c.objective.name in OBJECTIVES, f"objective.name must be one of {list(OBJECTIVES)} but is {c.objective.name!r}")

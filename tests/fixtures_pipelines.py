@@ -211,13 +211,12 @@ def tiny_flux_pipeline(encoder_folder: Path):
     pooled output), a tiny T5 encoder and tokenizer, a tiny FluxTransformer2DModel and VAE."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     text_encoder = CLIPTextModel.from_pretrained(str(encoder_folder))
     tokenizer_2 = tiny_t5_tokenizer()
+    t5 = tiny_t5(tokenizer_2)
     torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                 num_heads=4, relative_attention_num_buckets=8)).eval()
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=text_encoder.config.hidden_size, axes_dims_rope=[4, 4, 8])
@@ -226,3 +225,38 @@ def tiny_flux_pipeline(encoder_folder: Path):
                         shift_factor=0.0609, scaling_factor=1.5035)
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                         tokenizer=tiny_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def tiny_t5(tokenizer, d_model: int = 32, seed: int = 0):
+    """A one-block random T5EncoderModel over `tokenizer`'s vocabulary."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                   num_heads=4, relative_attention_num_buckets=8)).eval()
+
+
+def tiny_sd3_pipeline(encoder_1: Path, encoder_2: Path):
+    """An in-memory StableDiffusion3Pipeline: two CLIPTextModelWithProjection (hidden 32, projection
+    16) from the folders, a tiny T5 (d_model 64: SD3 pads the two CLIPs' 64 features to T5's width),
+    a tiny SD3Transformer2DModel and VAE."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(str(encoder_1))
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(encoder_2))
+    tokenizer_3 = tiny_t5_tokenizer()
+    t5 = tiny_t5(tokenizer_3, d_model=64)
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, out_channels=4, pos_embed_max_size=16,
+        pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, shift_factor=0.0609, scaling_factor=1.5035)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(pad_token="!"),
+                                    text_encoder_3=t5, tokenizer_3=tokenizer_3)

@@ -35,7 +35,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -59,20 +59,32 @@ __all__ = ["ErasedRun", "Run", "RunError", "load_run", "changed_tensors", "expor
 
 Run = ErasedRun  # the 0.1 name
 
-Source = Union[str, os.PathLike, ErasedRun]  # a workdir, or a finished run in memory (`TrainResult.erased_run`)
+# A workdir, or finished runs in memory (`TrainResult.erased_run()`, `ComponentsResult.erased_runs()`).
+Source = Union[str, os.PathLike, ErasedRun, Sequence[ErasedRun]]
 
 
-def _loaded(source: Source) -> ErasedRun:
-    return source if isinstance(source, ErasedRun) else load_run(source)
+def _runs(source: Source) -> list[ErasedRun]:
+    """The erased encoders of a source: one, or one per component of a several-encoder erase."""
+    if isinstance(source, ErasedRun):
+        return [source]
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    components = Workdir(source).component_workdirs()
+    return [load_run(wd.path) for wd in components.values()] if components else [load_run(source)]
 
 
 def _workdir_of(source: Source) -> Optional[str | os.PathLike]:
-    return source.folder if isinstance(source, ErasedRun) else source
+    if isinstance(source, ErasedRun):
+        return source.folder
+    if isinstance(source, (list, tuple)):
+        return Path(source[0].folder).parent.parent if source and source[0].folder else None
+    return source
 
 
-def _inputs(workdir: Optional[str | os.PathLike], loaded: ErasedRun, **more: Optional[str | os.PathLike]) -> dict:
+def _inputs(workdir: Optional[str | os.PathLike], runs: Sequence[ErasedRun], **more: Optional[str | os.PathLike]) -> dict:
     """The folders an export's output may not equal, contain or lie inside."""
-    return {"--workdir": workdir, BASE_INPUT: loaded.base_path, **more}
+    bases = {f"{BASE_INPUT} ({r.record.component_name})": r.base_path for r in runs[1:]}
+    return {"--workdir": workdir, BASE_INPUT: runs[0].base_path, **bases, **more}
 
 
 def changed_tensors(loaded: ErasedRun) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -95,11 +107,17 @@ def changed_tensors(loaded: ErasedRun) -> dict[str, tuple[np.ndarray, np.ndarray
 
 
 def export_full(workdir: Source, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """A transformers folder (config.json + model.safetensors, float32) of the erased encoder."""
+    """A transformers folder (config.json + model.safetensors, float32) of the erased encoder;
+    for a several-encoder erase, one such folder per component (out_dir/<component>/)."""
     check_output_location(out_dir, {"--workdir": _workdir_of(workdir)})  # before the (slow) load
-    loaded = _loaded(workdir)
-    return save_text_encoder(loaded.base, out_dir, params=loaded.erased_params, overwrite=overwrite,
-                             inputs=_inputs(_workdir_of(workdir), loaded))
+    runs = _runs(workdir)
+    if len(runs) == 1:
+        return save_text_encoder(runs[0].base, out_dir, params=runs[0].erased_params, overwrite=overwrite,
+                                 inputs=_inputs(_workdir_of(workdir), runs))
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=_inputs(_workdir_of(workdir), runs)) as tmp:
+        for run in runs:
+            save_text_encoder(run.base, tmp / run.record.component_name, params=run.erased_params)
+    return Path(out_dir)
 
 
 def _delta_config(loaded: ErasedRun, tensors: dict[str, dict]) -> dict:
@@ -122,21 +140,38 @@ def _delta_config(loaded: ErasedRun, tensors: dict[str, dict]) -> dict:
     }
 
 
-def _write_delta(loaded: ErasedRun, out_dir: Path, overwrite: bool,
-                 inputs: Optional[Mapping[str, Optional[str | os.PathLike]]] = None) -> Path:
+def _component_delta(loaded: ErasedRun) -> tuple[dict, dict]:
+    """(weights, fingerprint entries) of one erased encoder, keyed `<component>.<HF key>`."""
     component = loaded.record.component_name or "text_encoder"
     changed = changed_tensors(loaded)
     if not changed:
-        raise RunError(f"the erased encoder equals its base in every trained tensor "
+        raise RunError(f"the erased encoder {component} equals its base in every trained tensor "
                        f"({len(loaded.record.trainable_paths)} checked): there is no delta to export")
     weights = {f"{component}.{key}": after for key, (_, after) in changed.items()}
     entries = {f"{component}.{key}": {"shape": list(before.shape), **base_fingerprints(before),
                                       "delta_sha256": fingerprint(after)}
                for key, (before, after) in changed.items()}
-    config = _delta_config(loaded, entries)
+    return weights, entries
+
+
+def _write_delta(runs: Sequence[ErasedRun], out_dir: Path, overwrite: bool,
+                 inputs: Optional[Mapping[str, Optional[str | os.PathLike]]] = None) -> Path:
+    """One delta for one erased encoder, or keyed by component for several (Flux: CLIP-L and T5):
+    the top level describes the first component, `components` each of them."""
+    weights, entries = {}, {}
+    for run in runs:
+        w, e = _component_delta(run)
+        weights.update(w)
+        entries.update(e)
+    config = _delta_config(runs[0], entries)
+    if len(runs) > 1:
+        config["components"] = {r.record.component_name: {k: v for k, v in _delta_config(r, {}).items()
+                                                          if k not in ("format", "format_version", "tensors")}
+                                for r in runs}
+    names = ",".join(r.record.component_name for r in runs)
     metadata = {"format": "pt", "hirm_format": DELTA_FORMAT, "hirm_format_version": str(DELTA_FORMAT_VERSION),
                 "method": str(config["method"]), "concepts": json.dumps(config["concepts"]),
-                "component_name": component, "base_source": str(loaded.record.base.source),
+                "component_name": names, "base_source": str(runs[0].record.base.source),
                 "hirm_jax_version": hirm_jax.__version__}
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         save_safetensors(weights, tmp / DELTA_WEIGHTS, metadata=metadata)
@@ -148,8 +183,8 @@ def _write_delta(loaded: ErasedRun, out_dir: Path, overwrite: bool,
 def export_delta(workdir: Source, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """hirm_delta.safetensors (changed tensors only) + hirm_config.json (see module docstring)."""
     check_output_location(out_dir, {"--workdir": _workdir_of(workdir)})  # before the (slow) load
-    loaded = _loaded(workdir)
-    return _write_delta(loaded, Path(out_dir), overwrite, inputs=_inputs(_workdir_of(workdir), loaded))
+    runs = _runs(workdir)
+    return _write_delta(runs, Path(out_dir), overwrite, inputs=_inputs(_workdir_of(workdir), runs))
 
 
 def export_batch_deltas(workdir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -160,10 +195,10 @@ def export_batch_deltas(workdir: str | os.PathLike, out_dir: str | os.PathLike, 
     check_output_location(out_dir, {"--workdir": workdir})  # before the (slow) load
     folders = list(concepts.values())
     first = load_run(workdir / folders[0])
-    with atomic_dir(out_dir, overwrite=overwrite, inputs=_inputs(workdir, first)) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=_inputs(workdir, [first])) as tmp:
         for i, folder in enumerate(folders):
             loaded = first if i == 0 else load_run(workdir / folder, first.base)
-            _write_delta(loaded, tmp / Path(folder).name, overwrite=False)
+            _write_delta([loaded], tmp / Path(folder).name, overwrite=False)
         (tmp / "index.json").write_text(json.dumps(
             {"concepts": {name: Path(folder).name for name, folder in concepts.items()}}, indent=2, sort_keys=True) + "\n")
     return out_dir
@@ -184,10 +219,13 @@ def export_pipeline(workdir: Source, pipeline_dir: str | os.PathLike, out_dir: s
         raise DeltaError(f"--pipeline must be a diffusers pipeline folder (with model_index.json) "
                          f"but {pipeline_dir} is not")
     check_output_location(out_dir, {"--pipeline": source.path})
-    loaded = _loaded(workdir)
+    runs = _runs(workdir)
     if component is not None:
-        loaded = loaded._replace(record=dataclasses.replace(loaded.record, component_name=component))
+        if len(runs) > 1:
+            raise RunError(f"--component={component} chooses the slot of one erased encoder, but {workdir} erased "
+                           f"{[r.record.component_name for r in runs]}; leave --component out")
+        runs = [runs[0]._replace(record=dataclasses.replace(runs[0].record, component_name=component))]
     with tempfile.TemporaryDirectory(prefix="hirm-delta-") as tmp:
-        delta = load_delta(_write_delta(loaded, Path(tmp) / "delta", overwrite=False))
+        delta = load_delta(_write_delta(runs, Path(tmp) / "delta", overwrite=False))
         return write_patched_copy(delta, source, out_dir, component=None, overwrite=overwrite,
-                                  inputs=_inputs(_workdir_of(workdir), loaded, **{"--pipeline": source.path}))
+                                  inputs=_inputs(_workdir_of(workdir), runs, **{"--pipeline": source.path}))

@@ -14,7 +14,9 @@ A finished workdir holds
     .lock                           held (flock) by the erase running in it
 and, for independent jobs (joint=False), one folder per concept under concepts/ (each with its
 own run.json and erased_trainable.safetensors) instead of the top-level two, plus index.json
-(IndexRecord: concept -> folder, the chunks, timings).
+(IndexRecord: concept -> folder, the chunks, timings). A several-encoder erase (config
+`components`, e.g. Flux's CLIP-L and T5) holds config.json and one such workdir per component
+under components/<component>/.
 
 run.json's `base` (BaseRecord) says which base the deltas apply to: `source` (an absolute path,
 or the hub id with its `revision` and local `snapshot`), `component`, `trainable_sha256`
@@ -63,6 +65,7 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 CHECKPOINTS_DIR = "checkpoints"
 CONCEPTS_DIR = "concepts"
+COMPONENTS_DIR = "components"
 
 _log = log.get(__name__)
 
@@ -175,6 +178,11 @@ class Workdir:
 
     def concept_folder(self, name: str) -> Path:
         return self.path / CONCEPTS_DIR / slug(name)
+
+    def component_workdirs(self) -> dict[str, "Workdir"]:
+        """{component: its workdir} of a several-encoder erase (config `components`); {} otherwise."""
+        saved = self.saved_config() or {}
+        return {name: Workdir(self.path / COMPONENTS_DIR / name) for name in sorted(saved.get("components") or {})}
 
     def run_workdir(self) -> "Workdir":
         """The workdir that holds config.json: this one, or, for a concepts/<slug> folder, its run's."""

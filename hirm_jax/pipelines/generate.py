@@ -54,6 +54,7 @@ FAMILIES = {
     "StableDiffusionPipeline": dict(family="sd", steps=50, guidance=7.5, size=512, denoiser="unet"),
     "StableDiffusionXLPipeline": dict(family="sdxl", steps=50, guidance=5.0, size=1024, denoiser="unet"),
     "FluxPipeline": dict(family="flux", steps=28, guidance=3.5, size=1024, denoiser="transformer"),
+    "StableDiffusion3Pipeline": dict(family="sd3", steps=28, guidance=7.0, size=1024, denoiser="transformer"),
 }
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler", "euler": "EulerDiscreteScheduler",
@@ -277,21 +278,24 @@ def torch_dtype(name: str, device) -> "torch.dtype":
 
 
 def apply_deltas(pipe, deltas: Sequence[str | os.PathLike]) -> None:
-    """Apply HiRM deltas in memory; each component is patched at most once and must be a CLIP encoder."""
+    """Apply HiRM deltas in memory; each component is patched at most once, by a delta of its own
+    architecture (a CLIP delta into a CLIP encoder, a T5 delta into Flux's / SD3's T5)."""
     from hirm_jax.artifacts.delta import DeltaError, load_delta
     from hirm_jax.pipelines.patch import apply_delta_to_pipeline
     claimed: dict[str, str] = {}
     for delta_dir in deltas:
-        for component in sorted(load_delta(delta_dir).components()):
+        for component, tensors in sorted(load_delta(delta_dir).components().items()):
             if component in claimed:
                 raise DeltaError(f"deltas {claimed[component]} and {delta_dir} both patch {component}; "
                                  "give one delta per text encoder")
             claimed[component] = str(delta_dir)
             module = getattr(pipe, component, None)
-            if module is not None and not type(module).__name__.startswith("CLIPText"):
+            made_for = "T5" if any(k.startswith("encoder.block.") for k in tensors) else "CLIPText"
+            if module is not None and not type(module).__name__.startswith(made_for):
                 raise DeltaError(f"{delta_dir} patches {component}, which in this {type(pipe).__name__} is a "
-                                 f"{type(module).__name__}; HiRM deltas apply to CLIP text encoders "
-                                 "(Flux: the CLIP-L `text_encoder`; SDXL: `text_encoder` and `text_encoder_2`)")
+                                 f"{type(module).__name__}; the delta was made for a {made_for} encoder "
+                                 "(Flux: CLIP-L `text_encoder`, T5 `text_encoder_2`; SD3: CLIP `text_encoder` and "
+                                 "`text_encoder_2`, T5 `text_encoder_3`)")
         apply_delta_to_pipeline(pipe, delta_dir)
 
 
