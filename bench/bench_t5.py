@@ -1,7 +1,15 @@
-"""Forward time of the Flax T5 encoder vs transformers' `T5EncoderModel`, on CPU (under a minute).
+"""Forward time of the Flax T5 encoder vs transformers' `T5EncoderModel`, and the HiRM erase step
+on T5 vs the same step in PyTorch, on CPU (each under a minute).
 
     python bench/bench_t5.py                   # small + medium, 1 thread each, median of 5 after 1
     python bench/bench_t5.py --threads 2 --repeats 7 --json
+    python bench/bench_t5.py --step            # the erase step (what `erase --config=flux:text_encoder_2` runs)
+
+--step times one HiRM-S step as the trainer runs it (`hirm_jax.erase.step`: block 0's own leaves
+trainable, the relative attention bias frozen, hooks last_mlp_out + final_ln as configs/flux.py,
+Adam, jitted with the state donated) against PyTorch doing the same: T5EncoderModel with block 0
+(minus the bias) requiring grad, forward hooks on the last block's DenseReluDense and the final
+output, MSE to frozen targets summed over the two hooks, Adam (torch.optim, foreach).
 
 Two T5 v1.1 (gated-gelu) encoder shapes, random weights (the same for both backends):
   small   t5-v1_1-small's width (d_model 512, 6 heads of 64, d_ff 1024), 4 layers; batch 1 x 128
@@ -144,6 +152,92 @@ def run_torch(args, name: str) -> dict:
                 compile_s=0.0, times_s=times)
 
 
+def _step_batch(shape: dict):
+    """(ids, anchor ids) of a step: the shape's prompts, and as many anchor prompts for the targets."""
+    import numpy as np
+    ids, _ = _inputs(shape)
+    anchors = np.roll(ids, 3, axis=1)
+    return ids, anchors
+
+
+def run_flax_step(args, name: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from hirm_jax.config_lib import base_config
+    from hirm_jax.encoder.architectures import architecture
+    from hirm_jax.encoder.t5 import T5Encoder, T5EncoderConfig
+    from hirm_jax.encoder.t5_weights import t5_hf_to_flax
+    from hirm_jax.erase import masking, objectives, step
+
+    shape, hooks = SHAPES[name], ("last_mlp_out", "final_ln")
+    config = T5EncoderConfig(**shape["config"])
+    encoder = T5Encoder(config, jax.tree_util.tree_map(jnp.asarray, t5_hf_to_flax(_state(config), config)))
+    ids, anchors = _step_batch(shape)
+    out = encoder.apply(encoder.params, anchors)
+    k, length = ids.shape
+    per_job = dict(input_ids=ids[None], attention_mask=np.ones_like(ids)[None],
+                   targets={h: np.asarray(objectives.read_hook(out, h))[None] for h in hooks},
+                   weights={h: np.ones((1, k, length), np.float32) for h in hooks})
+    train_cfg = base_config().train
+    train_cfg.learning_rate = 1e-4
+    paths = masking.trainable_paths(encoder.params, (0,), train_cfg.trainable_modules, "", architecture("t5"))
+    trainable, frozen = masking.split(encoder.params, paths)
+    optimizer = step.make_optimizer(train_cfg)
+    train_step = jax.jit(step.make_train_step(step.make_loss_fn(encoder, hooks, False, 0.0), optimizer),
+                         donate_argnums=0)
+    state = step.init_state(trainable, optimizer, 1)
+    args_ = (frozen, jax.tree_util.tree_map(jnp.asarray, per_job), {}, jnp.arange(k), jnp.ones(k, jnp.float32))
+    start = time.perf_counter()
+    compiled = train_step.lower(state, *args_).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def one_step():
+        holder[0], metrics = compiled(holder[0], *args_)
+        return jax.block_until_ready(metrics["loss"])
+    times = _time(one_step, args.warmup, args.repeats)
+    return dict(backend="flax", version=f"jax {jax.__version__}", compile_s=compile_s, times_s=times)
+
+
+def run_torch_step(args, name: str) -> dict:
+    import torch
+    import transformers
+    from hirm_jax.encoder.t5 import T5EncoderConfig
+
+    torch.set_num_threads(args.threads)
+    shape = SHAPES[name]
+    config = T5EncoderConfig(**shape["config"])
+    state = {k: torch.from_numpy(v) for k, v in _state(config).items()}
+    state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    with torch.device("meta"):
+        model = transformers.T5EncoderModel(transformers.T5Config(**config.to_hf_dict()))
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval()
+    captured = {}
+    model.encoder.block[-1].layer[-1].DenseReluDense.register_forward_hook(lambda m, i, o: captured.__setitem__("mlp", o))
+    ids, anchors = (torch.from_numpy(x).long() for x in _step_batch(shape))
+    with torch.no_grad():
+        targets = dict(final=model(anchors).last_hidden_state.clone(), mlp=captured["mlp"].clone())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for n, p in model.encoder.block[0].named_parameters() if "relative_attention_bias" not in n]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trainable, lr=1e-4)
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        final = model(ids).last_hidden_state
+        loss = sum((x - targets[k]).pow(2).sum(-1).mean() for k, x in (("final", final), ("mlp", captured["mlp"])))
+        loss.backward()
+        opt.step()
+        return loss.item()
+    times = _time(one_step, args.warmup, args.repeats)
+    return dict(backend="torch", version=f"torch {torch.__version__}, transformers {transformers.__version__}",
+                compile_s=0.0, times_s=times)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -151,12 +245,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small", "medium"])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--step", action="store_true", help="time the HiRM erase step instead of the forward")
     parser.add_argument("--child", choices=("flax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         _pin(args.threads)
-        run = run_flax if args.child == "flax" else run_torch
+        run = {(False, "flax"): run_flax, (False, "torch"): run_torch,
+               (True, "flax"): run_flax_step, (True, "torch"): run_torch_step}[args.step, args.child]
         print(json.dumps({name: run(args, name) for name in args.shapes}))
         return 0
 
@@ -165,20 +261,21 @@ def main(argv=None) -> int:
         print(f"running {backend} ...", file=sys.stderr)
         child = subprocess.run([sys.executable, __file__, "--child", backend, "--shapes", *args.shapes,
                                 "--threads", str(args.threads), "--warmup", str(args.warmup),
-                                "--repeats", str(args.repeats)], capture_output=True, text=True, check=False)
+                                "--repeats", str(args.repeats), *(["--step"] if args.step else [])],
+                               capture_output=True, text=True, check=False)
         if child.returncode:
             print(child.stderr, file=sys.stderr)
             return child.returncode
         for shape, r in json.loads(child.stdout.strip().splitlines()[-1]).items():
             r["median_s"] = statistics.median(r["times_s"])
             results[shape][backend] = r
-    summary = dict(cpu=cpu_model(), threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+    summary = dict(cpu=cpu_model(), what="HiRM erase step" if args.step else "forward", threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                    shapes={s: SHAPES[s] for s in args.shapes}, results=results,
                    flax_over_torch={s: r["flax"]["median_s"] / r["torch"]["median_s"] for s, r in results.items()})
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    print(f"T5 encoder forward on {summary['cpu']}, {args.threads} thread(s), median of {args.repeats} after "
+    print(f"T5 encoder {summary['what']} on {summary['cpu']}, {args.threads} thread(s), median of {args.repeats} after "
           f"{args.warmup} warm-up")
     print(f"{'shape':7} {'batch x len':>11} {'backend':8} {'median ms':>10} {'min ms':>8} {'max ms':>8} "
           f"{'compile s':>10} {'flax/torch':>10}")
