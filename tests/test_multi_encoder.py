@@ -15,6 +15,7 @@ from configs import flux, sd3  # noqa: E402
 from hirm_jax.artifacts import export  # noqa: E402
 from hirm_jax.artifacts.delta import load_delta  # noqa: E402
 from hirm_jax.config_lib import ConfigError, validate  # noqa: E402
+from hirm_jax.encoder.layouts import load_text_encoder  # noqa: E402
 from hirm_jax.erase.workdir import Workdir  # noqa: E402
 from hirm_jax.pipelines import generate as gen  # noqa: E402
 from hirm_jax.pipelines.patch import apply_delta_to_pipeline  # noqa: E402
@@ -64,6 +65,12 @@ def run_pipeline_family(tmp_path, pipe, module, arg, pipeline_class):
     assert (tmp_path / "delta" / "hirm_delta.safetensors").read_bytes() == \
         (tmp_path / "delta_from_memory" / "hirm_delta.safetensors").read_bytes()
     applied = export.apply_delta(delta_dir, folder, tmp_path / "applied")
+    exported = export.export_pipeline(tmp_path / "erase", folder, tmp_path / "exported")
+    full = export.export_full(tmp_path / "erase", tmp_path / "full")
+    for component in components:  # the three export formats carry the same erased encoder
+        weights = sorted((applied / component).glob("*.safetensors"))
+        assert weights and all(w.read_bytes() == (exported / component / w.name).read_bytes() for w in weights)
+        assert load_text_encoder(full / component).config == result.components[component].erased_run().base.config
 
     in_memory = apply_delta_to_pipeline(pipeline_class.from_pretrained(str(folder)), delta_dir)
     plain = pipeline_class.from_pretrained(str(applied))
