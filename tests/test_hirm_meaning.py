@@ -1,0 +1,221 @@
+"""HiRM's meaning against references that do not share its code.
+
+- the capture point: every block's `mlp_out` equals a transformers forward hook on `mlp.fc2`
+  (the MLP output BEFORE the residual add), for CLIP and T5;
+- HiRM-R targets: distinct per concept and per hook, of norm c at every position, a function of
+  (seed, concept, hook) only;
+- one training step of each objective at each hook: the loss and its gradient on block 0 equal a
+  PyTorch computation of the same loss (written here from the paper's definition) on the same
+  tiny encoder, and so does the Adam update;
+- after a full erase -> export, every tensor outside block 0 has the BASE FILE's bytes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from hirm_jax.config_lib import base_config, resolve_defaults  # noqa: E402
+from hirm_jax.encoder.architectures import architecture_of  # noqa: E402
+from hirm_jax.encoder.hf_names import canonical_name  # noqa: E402
+from hirm_jax.erase import masking, prompts  # noqa: E402
+from hirm_jax.erase.jobs import build_jobs  # noqa: E402
+from hirm_jax.erase.step import init_state, make_loss_fn, make_optimizer, make_train_step  # noqa: E402
+from tests.fixtures_pipelines import (TINY_CONFIG_PROJ, save_encoder_folder, tiny_encoder, tiny_t5,  # noqa: E402
+                                      tiny_t5_tokenizer, tiny_tokenizer)
+
+CONCEPTS = ("Van Gogh", "Monet")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """(Flax encoder, the same encoder in transformers) with a projection, so every hook exists."""
+    encoder = tiny_encoder(seed=3, config=TINY_CONFIG_PROJ, fp16_exact=False)
+    folder = save_encoder_folder(encoder, tmp_path_factory.mktemp("clip") / "enc")
+    model = transformers.CLIPTextModelWithProjection.from_pretrained(str(folder)).eval()
+    return encoder, model
+
+
+def erase_config(objective: str, hook: str, joint: bool = True):
+    c = base_config()
+    c.encoder.path = "unused"
+    c.concepts = CONCEPTS
+    c.super_categories = {"Van Gogh": "painting", "Monet": "picture"}
+    c.templates = ("{}", "a painting by {}")
+    c.objective.name = objective
+    c.objective.hooks = (hook,)
+    c.joint = joint
+    c.train.learning_rate = 1e-3
+    return resolve_defaults(c)
+
+
+def torch_rep(model, ids: np.ndarray, hook: str) -> "torch.Tensor":
+    """The representation at `hook`, read from transformers' own outputs and a forward hook."""
+    captured = {}
+    layers = model.text_model.encoder.layers
+    handle = layers[-1].mlp.fc2.register_forward_hook(lambda m, i, o: captured.__setitem__("mlp", o))
+    try:
+        out = model(torch.from_numpy(np.asarray(ids)).long(), output_hidden_states=True)
+    finally:
+        handle.remove()
+    kind, _, index = hook.partition(":")
+    return {"last_mlp_out": lambda: captured["mlp"], "final_ln": lambda: out.last_hidden_state,
+            "penultimate": lambda: out.hidden_states[-2], "text_embeds": lambda: out.text_embeds[:, None, :],
+            "block_out": lambda: out.hidden_states[int(index or 0) + 1]}[kind]()
+
+
+def test_every_blocks_mlp_out_is_the_fc2_output_before_the_residual(clip):
+    encoder, model = clip
+    ids = np.array([[TINY_CONFIG_PROJ.vocab_size - 2, 5, 9, 17, TINY_CONFIG_PROJ.vocab_size - 1] + [0] * 72])
+    captured = []
+    handles = [layer.mlp.fc2.register_forward_hook(lambda m, i, o: captured.append(o.detach().numpy()))
+               for layer in model.text_model.encoder.layers]
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids).long(), output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    flax_out = encoder.apply(encoder.params, ids)
+    assert len(flax_out["mlp_out"]) == len(captured) == TINY_CONFIG_PROJ.num_hidden_layers
+    for i, reference in enumerate(captured):
+        np.testing.assert_allclose(np.asarray(flax_out["mlp_out"][i]), reference, atol=2e-5, err_msg=f"block {i}")
+        after_residual = out.hidden_states[i + 1].numpy()
+        assert not np.allclose(np.asarray(flax_out["mlp_out"][i]), after_residual, atol=1e-3)
+
+
+def test_t5_mlp_out_is_the_dense_relu_dense_output():
+    from hirm_jax.encoder.t5_weights import load_t5_folder
+    tokenizer = tiny_t5_tokenizer()
+    model = tiny_t5(tokenizer, d_model=32, seed=4)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        encoder = load_t5_folder(tmp)
+    captured = []
+    for block in model.encoder.block:
+        block.layer[-1].DenseReluDense.register_forward_hook(lambda m, i, o: captured.append(o.detach().numpy()))
+    ids = np.array([[5, 9, 17, 1, 0, 0]])
+    with torch.no_grad():
+        model(torch.from_numpy(ids).long())
+    flax_out = encoder.apply(encoder.params, ids)
+    for i, reference in enumerate(captured):
+        np.testing.assert_allclose(np.asarray(flax_out["mlp_out"][i]), reference, atol=2e-5)
+
+
+def test_hirm_r_targets_are_per_concept_per_hook_of_norm_c_and_reproducible(clip):
+    encoder, _ = clip
+    tokenizer = tiny_tokenizer()
+
+    def targets(seed=0, concepts=CONCEPTS):
+        c = erase_config("hirm_r", "last_mlp_out", joint=False)
+        c.objective.hooks = ("last_mlp_out", "final_ln")
+        c.train.seed = seed
+        c.concepts = concepts
+        jobs = build_jobs(c, encoder, tokenizer, prompts.concepts_from_config(c))
+        return {h: np.asarray(t) for h, t in jobs.per_job["targets"].items()}, c.objective.scale
+
+    first, scale = targets()
+    assert scale == 500.0
+    for hook, t in first.items():  # [job = concept, prompt, position, dim]
+        np.testing.assert_allclose(np.linalg.norm(t, axis=-1), scale, rtol=1e-5)
+        assert not np.allclose(t[0, 0], t[1, 0]), f"{hook}: two concepts share their random target"
+        np.testing.assert_array_equal(t[0, 0], t[0, 1])  # one target per concept, whatever the template
+    assert not np.allclose(first["last_mlp_out"][0], first["final_ln"][0]), "two hooks share their target"
+    again, _ = targets()
+    alone, _ = targets(concepts=("Monet",))
+    other_seed, _ = targets(seed=1)
+    for hook in first:
+        np.testing.assert_array_equal(first[hook], again[hook])
+        np.testing.assert_array_equal(first[hook][1], alone[hook][0])  # Monet's target does not depend on company
+        assert not np.allclose(first[hook], other_seed[hook])
+
+
+def reference_loss(model, job: dict, hook: str, objective: str, anchor_ids) -> "torch.Tensor":
+    """The paper's loss, written directly: mean over prompts of (1/|P|) sum_{t in P} ||h_t - target_t||^2,
+    P = every position but BOS (the one position of text_embeds), the target the frozen encoder's
+    representation of the anchor prompt (HiRM-S) or the given random vectors (HiRM-R)."""
+    rep = torch_rep(model, job["input_ids"], hook)
+    if objective == "hirm_s":
+        with torch.no_grad():
+            target = torch_rep(model, anchor_ids, hook)
+    else:
+        target = torch.from_numpy(np.asarray(job["targets"][hook]))
+    weights = torch.ones(rep.shape[:2])
+    if hook != "text_embeds":
+        weights[:, 0] = 0.0
+    per_prompt = ((rep - target) ** 2).sum(-1).mul(weights).sum(-1) / weights.sum(-1)
+    return per_prompt.mean()
+
+
+@pytest.mark.parametrize("objective", ["hirm_s", "hirm_r"])
+@pytest.mark.parametrize("hook", ["last_mlp_out", "final_ln", "penultimate", "text_embeds", "block_out:0"])
+def test_one_step_of_each_objective_and_hook_equals_a_pytorch_computation(clip, objective, hook):
+    encoder, model = clip
+    config = erase_config(objective, hook)
+    config.concepts = ("Van Gogh",)
+    tokenizer = tiny_tokenizer()
+    jobs = build_jobs(config, encoder, tokenizer, prompts.concepts_from_config(config))
+    job = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], jobs.per_job)
+    anchor_ids = np.asarray(tokenizer([p.anchor_prompt for p in jobs.prompt_pairs[0]], padding="max_length",
+                                      max_length=77, return_tensors="np")["input_ids"])
+    arch = architecture_of(encoder)
+    paths = masking.trainable_paths(encoder.params, (0,), config.train.trainable_modules, "", arch)
+    trainable, frozen = masking.split(encoder.params, paths)
+    k = job["input_ids"].shape[0]
+    loss_fn = make_loss_fn(encoder, (hook,), False, 0.0)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, job, {}, jnp.arange(k), jnp.ones(k, jnp.float32))
+
+    model.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    reference = reference_loss(model, job, hook, objective, anchor_ids)
+    reference.backward()
+    np.testing.assert_allclose(float(loss), float(reference), rtol=1e-4)
+    table = {"/".join(path): (hf_key, t) for hf_key, path, t in arch.expand_table(encoder.config)}
+    torch_grads = {p: (np.zeros(params[table[p][0]].shape, np.float32) if params[table[p][0]].grad is None
+                       else params[table[p][0]].grad.numpy()) for p in grads}
+    scale = max(float(np.abs(g).max()) for g in torch_grads.values())
+    assert scale > 0
+    for path, grad in grads.items():  # (k_proj.bias has no gradient in exact arithmetic: both are ~0 there)
+        np.testing.assert_allclose(table[path][1].to_hf(np.asarray(grad)), torch_grads[path], rtol=1e-3,
+                                   atol=1e-5 * scale, err_msg=path)
+
+    # the Adam step: hirm_jax's jitted step against torch.optim.Adam on block 0
+    optimizer = make_optimizer(config.train)
+    step = make_train_step(loss_fn, optimizer)
+    state, _ = step(init_state(trainable, optimizer, 1), frozen, jax.tree_util.tree_map(lambda x: x[None], job), {},
+                    jnp.arange(k), jnp.ones(k, jnp.float32))
+    block0 = [params[table[p][0]] for p in sorted(grads)]
+    torch.optim.Adam(block0, lr=config.train.learning_rate, betas=(0.9, 0.999), eps=1e-8).step()
+    for p, torch_param in zip(sorted(grads), block0):
+        if np.abs(torch_grads[p]).max() < 1e-4 * scale:
+            continue  # a gradient that is 0 in exact arithmetic (k_proj.bias): Adam's first step is sign(noise)
+        np.testing.assert_allclose(table[p][1].to_hf(np.asarray(state["trainable"][p][0])),
+                                   torch_param.detach().numpy(), atol=2e-6, err_msg=p)
+    with torch.no_grad():  # undo the step: the module-scoped model serves the next case
+        for p, torch_param in zip(sorted(grads), block0):
+            torch_param.copy_(torch.from_numpy(table[p][1].to_hf(np.asarray(trainable[p]))))
+
+
+@pytest.mark.slow
+def test_after_erase_and_export_every_tensor_outside_block0_has_the_base_files_bytes(encoder_dir, tmp_path):
+    from configs import tiny
+    from hirm_jax.artifacts.export import export_full
+    from hirm_jax.run import train_and_evaluate
+    c = tiny.get_config("hirm_s")
+    c.encoder.path = str(encoder_dir)
+    c.train.epochs = 5
+    train_and_evaluate(c, tmp_path / "run")
+    exported = export_full(tmp_path / "run", tmp_path / "full")
+    base = {canonical_name(k): v for k, v in load_file(str(encoder_dir / "model.safetensors")).items()}
+    erased = {canonical_name(k): v for k, v in load_file(str(exported / "model.safetensors")).items()}
+    assert sorted(base) == sorted(erased)
+    changed = {k for k in base if base[k].tobytes() != erased[k].tobytes()}
+    assert changed and all(k.startswith("text_model.encoder.layers.0.") for k in changed), sorted(changed)
+    untouched = sorted(set(base) - changed)
+    assert any(k.startswith("text_model.encoder.layers.1.") for k in untouched)
+    for k in untouched:
+        assert base[k].dtype == erased[k].dtype and base[k].tobytes() == erased[k].tobytes(), k
