@@ -33,7 +33,7 @@ demo: $(BIN)/.installed
 	$(BIN)/hirm-jax demo --workdir workdirs/demo
 
 test: $(BIN)/.installed $(TF4_VENV)/.installed
-	HIRM_TF4_PYTHON=$(CURDIR)/$(TF4_VENV)/bin/python $(BIN)/python -m pytest -q tests
+	HIRM_JAX_NO_SKIP=1 HIRM_TF4_PYTHON=$(CURDIR)/$(TF4_VENV)/bin/python $(BIN)/python -m pytest -q -rs tests
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_encoder.py
