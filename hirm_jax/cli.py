@@ -4,6 +4,8 @@
     hirm-jax export --workdir=DIR --out=OUT [--format=full|delta|pipeline] [--pipeline=PIPE]
     hirm-jax apply  --delta=D --base=PIPELINE_OR_ENCODER --out=OUT [--check]
     hirm-jax report --workdir=DIR [--out=OUT]      text-space report (also written by erase)
+    hirm-jax attack --erased=DIR --concept=NAME --out=OUT [--attack=gcg|continuous|probe]
+                                                   prompts that bring an erased concept back
     hirm-jax compare --joint=DIR --independent=DIR --out=OUT   joint erasure vs averaged deltas
     hirm-jax demo [--concept NAME] [--method hirm_s|hirm_r] [--workdir DIR]
     hirm-jax world train --out DIR                 rebuild the demo world (seeded)
@@ -19,6 +21,7 @@ the value and the rule; a machine that refuses a write (disk full, read-only) ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,6 +30,7 @@ from typing import Callable, Optional, Sequence
 
 from hirm_jax import log
 from hirm_jax.errors import HirmError, OutputError, UsageError, report
+from hirm_jax.fileio import check_output_location
 
 USAGE = __doc__
 
@@ -200,6 +204,97 @@ def report_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def attack_main(argv: Sequence[str]) -> int:
+    """`hirm-jax attack`: search prompts that make the erased encoder produce the original's
+    representation of the concept (hirm_jax.attack.search); writes OUT/attacks.jsonl (text and
+    token ids per prompt) and OUT/attack_summary.json."""
+    from hirm_jax.attack import search
+    parser = argparse.ArgumentParser(prog="hirm-jax attack", description=attack_main.__doc__.split("\n")[0])
+    parser.add_argument("--erased", required=True, help="an erase workdir, or an erased encoder folder")
+    parser.add_argument("--original", help="the original encoder folder or pipeline (default: the workdir's base)")
+    parser.add_argument("--component", default=None, help="the encoder slot in a pipeline folder (text_encoder, ...)")
+    parser.add_argument("--concept", action="append", default=[], help="a concept to bring back (repeatable)")
+    parser.add_argument("--ban", action="append", default=[], metavar="CONCEPT=NAME,NAME",
+                        help="further names (synonyms) whose tokens the search may not use")
+    parser.add_argument("--template", action="append", default=[], help="prompt template with '{}' (default '{}')")
+    parser.add_argument("--attack", default="gcg", choices=(*search.KINDS, "probe"))
+    parser.add_argument("--probes", help="a file of prompts to score (--attack=probe)")
+    defaults = search.AttackSettings()
+    for name in ("k", "steps", "restarts", "top_k", "candidates", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("learning_rate", "threshold"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--placement", default=defaults.placement, choices=search.PLACEMENTS)
+    parser.add_argument("--hook", default=defaults.hook, help="the representation the pipeline consumes")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    settings = search.AttackSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(search.AttackSettings)
+                                        if f.name != "kind"}, kind=args.attack if args.attack != "probe" else "gcg")
+    job = search.AttackJob(args.concept, tuple(args.template) or ("{}",), _bans(args.ban),
+                           _probe_lines(args.probes) if args.attack == "probe" else ())
+    erased, original, tokenizer, inputs = _attack_encoders(args)
+    settings.check(erased.config.vocab_size)
+    check_output_location(args.out, inputs)
+    results = search.run_attacks(erased, original, tokenizer, job, settings, args.attack)
+    _write_attacks(results, Path(args.out), args.overwrite, inputs)
+    print(json.dumps(search.summary(results), indent=2, sort_keys=True))
+    return 0
+
+
+def _bans(pairs: Sequence[str]) -> dict:
+    bans = {}
+    for pair in pairs:
+        concept, sep, names = pair.partition("=")
+        if not sep or not concept:
+            raise UsageError(f"--ban must be CONCEPT=NAME[,NAME...] but is {pair!r}")
+        bans.setdefault(concept, []).extend(n.strip() for n in names.split(",") if n.strip())
+    return bans
+
+
+def _probe_lines(path: Optional[str]) -> list:
+    if not path:
+        raise UsageError("--attack=probe needs --probes=FILE (one prompt per line)")
+    from hirm_jax.erase.prompts import read_lines
+    return read_lines(path, "--probes")
+
+
+def _attack_encoders(args):
+    """(erased, original, tokenizer, inputs): a workdir gives both (its base is the original); a
+    folder needs --original; the tokenizer is the original's."""
+    from hirm_jax.encoder.architectures import architecture_of
+    from hirm_jax.encoder.clip import TextEncoder
+    from hirm_jax.encoder.layouts import load_text_encoder
+    from hirm_jax.erase.prompts import load_tokenizer
+    from hirm_jax.erase.workdir import Workdir, load_run
+    if Workdir(args.erased).saved_config() is not None or (Path(args.erased) / "run.json").is_file():
+        loaded = load_run(args.erased)
+        erased = TextEncoder(loaded.base.config, loaded.erased_params)
+        source = args.original or (loaded.base_path and str(loaded.base_path))
+        original = load_text_encoder(args.original, args.component) if args.original else loaded.base
+        component = args.component if args.original else loaded.record.base.component
+    else:
+        if not args.original:
+            raise UsageError(f"--erased={args.erased} is an encoder folder: give the original with --original=DIR")
+        erased, original = load_text_encoder(args.erased), load_text_encoder(args.original, args.component)
+        source, component = args.original, args.component
+    tokenizer = load_tokenizer(source, component, None, architecture_of(original))
+    return erased, original, tokenizer, {"--erased": args.erased, "--original": source}
+
+
+def _write_attacks(results, out: Path, overwrite: bool, inputs: dict) -> None:
+    from hirm_jax.attack import search
+    from hirm_jax.fileio import atomic_dir
+    from hirm_jax.provenance import provenance
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+        with open(tmp / "attacks.jsonl", "w") as f:
+            for r in results:
+                f.write(json.dumps(dataclasses.asdict(r), sort_keys=True) + "\n")
+        summary = {"summary": search.summary(results), "inputs": {k: str(v) for k, v in inputs.items()},
+                   "settings": results[0].settings if results else None, "provenance": provenance()}
+        (tmp / "attack_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
 def compare_main(argv: Sequence[str]) -> int:
     from hirm_jax.report import compare
     parser = argparse.ArgumentParser(prog="hirm-jax compare",
@@ -260,6 +355,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "export": export_main,
     "apply": apply_main,
     "report": report_main,
+    "attack": attack_main,
     "compare": compare_main,
     "demo": demo_main,
     "world": world_main,

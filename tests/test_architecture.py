@@ -2,7 +2,8 @@
 
 Floors, lowest first (a module may import its own floor and the floors below):
     core        errors log fileio config_lib hub resources provenance (and the package itself)
-    encoder     the Flax encoders, their mapping tables, on-disk layouts, tokenizers
+    encoder     the Flax encoders, their mapping tables, on-disk layouts, tokenizers, capture points
+    attack      prompt attacks on an erased encoder, in text space (below erase: robust HiRM calls it)
     erase       prompts, jobs, objectives, masking, sharding, checkpoint, step, setup, loop, workdir
     artifacts   export, delta (numpy only)
     report      text report, loss plot, joint-vs-averaged comparison; and hirm_jax.run (erase, then report)
@@ -24,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "hirm_jax"
 CORE = {"hirm_jax", "hirm_jax._compat", "hirm_jax.errors", "hirm_jax.log", "hirm_jax.fileio", "hirm_jax.config_lib",
         "hirm_jax.hub", "hirm_jax.resources", "hirm_jax.provenance"}
-STAGES = ["encoder", "erase", "artifacts", "report", "pipelines", "evaluation", "world"]
+STAGES = ["encoder", "attack", "erase", "artifacts", "report", "pipelines", "evaluation", "world"]
 TOP = {"hirm_jax.cli", "hirm_jax.main"}
 ON_A_STAGE = {"hirm_jax.run": "report"}  # top-level modules that sit on a stage's floor
 TORCH_ALLOWED = {"pipelines", "evaluation", "world"}

@@ -204,11 +204,12 @@ class CLIPEmbeddings(nn.Module):
     config: TextEncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_embeds: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
                   embedding_init=nn.initializers.normal(0.02))
-        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding", **kw)(input_ids)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding", **kw)
+        tokens = embed(input_ids) if token_embeds is None else token_embeds.astype(DTYPES[cfg.dtype])
         positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
                              name="position_embedding", **kw)(jnp.arange(input_ids.shape[-1]))
         return tokens + positions[None]
@@ -235,9 +236,10 @@ class CLIPTextTransformer(nn.Module):
     config: TextEncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> dict[str, Any]:
+    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                 token_embeds: Optional[jax.Array] = None) -> dict[str, Any]:
         cfg = self.config
-        hidden = CLIPEmbeddings(cfg, name="embeddings")(input_ids)
+        hidden = CLIPEmbeddings(cfg, name="embeddings")(input_ids, token_embeds)
         bias = attention_bias(input_ids.shape[-1], attention_mask, jnp.float32)
         hidden_states, mlp_outs = CLIPEncoder(cfg, name="encoder")(hidden, bias)
         last = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype],
@@ -267,8 +269,10 @@ class TextEncoder:
     def module(self) -> CLIPTextTransformer:
         return CLIPTextTransformer(self.config)
 
-    def apply(self, params, input_ids, attention_mask=None) -> dict[str, Any]:
-        return self.module.apply({"params": params}, input_ids, attention_mask)
+    def apply(self, params, input_ids, attention_mask=None, token_embeds=None) -> dict[str, Any]:
+        """`token_embeds` ([B, T, D]) replaces the token-embedding lookup (soft prompts, gradients
+        through one-hot tokens); `input_ids` still place the pooled (EOS) output."""
+        return self.module.apply({"params": params}, input_ids, attention_mask, token_embeds)
 
     @classmethod
     def init(cls, config: TextEncoderConfig, seed: int = 0, length: int = 77) -> "TextEncoder":

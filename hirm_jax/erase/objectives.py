@@ -15,26 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from hirm_jax.config_lib import parse_hook
-
-
-def read_hook(outputs: dict, hook: str) -> jax.Array:
-    """The representation at a named capture point, always [B, T, D] (T = 1 for text_embeds)."""
-    kind, index = parse_hook(hook)
-    if kind == "last_mlp_out":
-        return outputs["mlp_out"][-1]
-    if kind == "last_block_out":
-        return outputs["hidden_states"][-1]
-    if kind == "final_ln":
-        return outputs["last_hidden_state"]
-    if kind == "penultimate":  # what SDXL conditions on
-        return outputs["hidden_states"][-2]
-    if kind == "text_embeds":
-        if outputs["text_embeds"] is None:
-            raise ValueError("hook 'text_embeds' needs an encoder with a projection (projection_dim)")
-        return outputs["text_embeds"][:, None, :]
-    if kind == "mlp_out":
-        return outputs["mlp_out"][index]
-    return outputs["hidden_states"][index + 1]  # block_out:N, the output of block N
+from hirm_jax.encoder.hooks import read_hook  # noqa: F401  (objectives.read_hook, as before)
 
 
 def position_weights(input_ids: jax.Array, attention_mask: jax.Array, rule: str, hook: str,
