@@ -124,23 +124,29 @@ def run_flax(args, name: str) -> dict:
     return dict(backend="flax", version=f"jax {jax.__version__}", compile_s=compile_s, times_s=times)
 
 
-def run_torch(args, name: str) -> dict:
+def _torch_model(args, config):
+    """transformers' T5EncoderModel holding `_state(config)`, on `args.threads` threads."""
     import torch
     import transformers
-    from hirm_jax.encoder.t5 import T5EncoderConfig
-
     if torch.get_num_threads() != args.threads:
         torch.set_num_threads(args.threads)
     if torch.get_num_interop_threads() != 1:
         torch.set_num_interop_threads(1)
-    shape = SHAPES[name]
-    config = T5EncoderConfig(**shape["config"])
     state = {k: torch.from_numpy(v) for k, v in _state(config).items()}
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     with torch.device("meta"):
         model = transformers.T5EncoderModel(transformers.T5Config(**config.to_hf_dict()))
     model.load_state_dict(state, assign=True, strict=True)
-    model.eval()
+    return model.eval()
+
+
+def run_torch(args, name: str) -> dict:
+    import torch
+    import transformers
+    from hirm_jax.encoder.t5 import T5EncoderConfig
+
+    shape = SHAPES[name]
+    model = _torch_model(args, T5EncoderConfig(**shape["config"]))
     ids, mask = (torch.from_numpy(x).long() for x in _inputs(shape))
 
     def forward():
@@ -205,15 +211,8 @@ def run_torch_step(args, name: str) -> dict:
     import transformers
     from hirm_jax.encoder.t5 import T5EncoderConfig
 
-    torch.set_num_threads(args.threads)
     shape = SHAPES[name]
-    config = T5EncoderConfig(**shape["config"])
-    state = {k: torch.from_numpy(v) for k, v in _state(config).items()}
-    state["encoder.embed_tokens.weight"] = state["shared.weight"]
-    with torch.device("meta"):
-        model = transformers.T5EncoderModel(transformers.T5Config(**config.to_hf_dict()))
-    model.load_state_dict(state, assign=True, strict=True)
-    model.eval()
+    model = _torch_model(args, T5EncoderConfig(**shape["config"]))
     captured = {}
     model.encoder.block[-1].layer[-1].DenseReluDense.register_forward_hook(lambda m, i, o: captured.__setitem__("mlp", o))
     ids, anchors = (torch.from_numpy(x).long() for x in _step_batch(shape))

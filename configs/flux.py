@@ -21,7 +21,7 @@ max_sequence_length (set 256 for FLUX.1-schnell: --config.components="{...}" for
 T5 has no BOS, so "all_but_bos" covers every position.
 """
 
-from hirm_jax.config_lib import base_config, check_config_arg
+from hirm_jax.config_lib import base_config, check_config_arg, with_components
 
 ARGS = ("both", "text_encoder", "text_encoder_2")
 # What differs per component (config `components`: {component: {"dotted.field": value}}).
@@ -39,9 +39,4 @@ def get_config(arg=None):
     c.concepts = ("Van Gogh",)
     c.super_categories = {"Van Gogh": "painting"}
     c.objective.name = "hirm_s"
-    if arg == "both":
-        c.components = {name: dict(fields) for name, fields in COMPONENT_FIELDS.items()}
-        return c
-    c.encoder.component = arg
-    c.update_from_flattened_dict(COMPONENT_FIELDS[arg])
-    return c
+    return with_components(c, arg, "both", COMPONENT_FIELDS)

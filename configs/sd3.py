@@ -16,7 +16,7 @@ arg "all" (default): the three, one after the other, into WORKDIR/components/<co
 arg "text_encoder" / "text_encoder_2" / "text_encoder_3": that encoder only.
 """
 
-from hirm_jax.config_lib import base_config, check_config_arg
+from hirm_jax.config_lib import base_config, check_config_arg, with_components
 
 ARGS = ("all", "text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENT_FIELDS = {
@@ -34,9 +34,4 @@ def get_config(arg=None):
     c.concepts = ("Van Gogh",)
     c.super_categories = {"Van Gogh": "painting"}
     c.objective.name = "hirm_s"
-    if arg == "all":
-        c.components = {name: dict(fields) for name, fields in COMPONENT_FIELDS.items()}
-        return c
-    c.encoder.component = arg
-    c.update_from_flattened_dict(COMPONENT_FIELDS[arg])
-    return c
+    return with_components(c, arg, "all", COMPONENT_FIELDS)

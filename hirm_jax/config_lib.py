@@ -224,6 +224,19 @@ def _check_concept_fields(c: ml_collections.ConfigDict) -> None:
         seen[key] = name
 
 
+def with_components(c: ml_collections.ConfigDict, arg: str, every: str,
+                    component_fields: Mapping[str, Mapping[str, Any]]) -> ml_collections.ConfigDict:
+    """A pipeline config with several text encoders (configs/flux.py, sd3.py): `arg == every`
+    erases every component of `component_fields` ({component: {"dotted.field": value}}), any
+    other `arg` names the one component to erase, with its fields set."""
+    if arg == every:
+        c.components = {name: dict(fields) for name, fields in component_fields.items()}
+    else:
+        c.encoder.component = arg
+        c.update_from_flattened_dict(dict(component_fields[arg]))
+    return c
+
+
 def component_config(c: ml_collections.ConfigDict, component: str) -> ml_collections.ConfigDict:
     """The config of one component of a several-encoder erase: encoder.component set, the
     component's overrides applied, `components` cleared. An unknown field is a ConfigError."""

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import ml_collections
 
 from hirm_jax import config_lib, log
 from hirm_jax.erase import sharding
-from hirm_jax.erase.loop import TrainResult, train
+from hirm_jax.erase.loop import SummaryMapping, TrainResult, train
 from hirm_jax.erase.workdir import Workdir
 from hirm_jax.report.loss_plot import plot_loss
 from hirm_jax.report.textreport import TrainingReporter
@@ -47,7 +46,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
 
 
 @dataclasses.dataclass(frozen=True)
-class ComponentsResult(Mapping):
+class ComponentsResult(SummaryMapping):
     """A several-encoder erase: one TrainResult per component. As a mapping: status and the
     components' summaries (the 0.1 return value's shape)."""
     workdir: Path
@@ -57,15 +56,6 @@ class ComponentsResult(Mapping):
     @property
     def summary(self) -> dict:
         return dict(status=self.status, components={c: dict(r) for c, r in self.components.items()})
-
-    def __getitem__(self, key):
-        return self.summary[key]
-
-    def __iter__(self) -> Iterator:
-        return iter(self.summary)
-
-    def __len__(self) -> int:
-        return len(self.summary)
 
     def erased_runs(self) -> list:
         """Every component's ErasedRun, in memory (needs keep_trained=True)."""

@@ -59,15 +59,8 @@ class JobResult:
     trained: Optional[dict] = None  # {Flax path: float32 host array}; kept with keep_trained / in on_job
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainResult(Mapping):
-    """What `train` hands back. As a mapping it is the 0.1 return value (the summary: run.json
-    for a joint run, index.json plus every job's run.json otherwise, and `status`)."""
-    status: str  # "done" or "interrupted"
-    workdir: Path
-    summary: dict
-    plan: ErasePlan
-    jobs: list  # JobResult per finished job (this call's chunks)
+class SummaryMapping(Mapping):
+    """A result that reads, as a mapping, as its `summary` dict (the 0.1 return value)."""
 
     def __getitem__(self, key):
         return self.summary[key]
@@ -77,6 +70,17 @@ class TrainResult(Mapping):
 
     def __len__(self) -> int:
         return len(self.summary)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult(SummaryMapping):
+    """What `train` hands back. As a mapping it is the 0.1 return value (the summary: run.json
+    for a joint run, index.json plus every job's run.json otherwise, and `status`)."""
+    status: str  # "done" or "interrupted"
+    workdir: Path
+    summary: dict
+    plan: ErasePlan
+    jobs: list  # JobResult per finished job (this call's chunks)
 
     def erased_run(self, job: int = 0) -> ErasedRun:
         """Job `job` as an ErasedRun, in memory (needs keep_trained=True)."""
