@@ -159,6 +159,12 @@ class IndexRecord(_Record):
     timings_s: Optional[dict] = None
     schema_version: int = SCHEMA_VERSION
 
+    @classmethod
+    def from_json(cls, d: dict) -> "IndexRecord":
+        """An index without `base` (written by hand, or by a tool) still lists its concepts: the
+        base each concept trained from is in its own run.json."""
+        return super().from_json({"base": {"source": None}, **d} if d.get("base") is None else d)
+
 
 # ----------------------------------------------------------------------------- the folder
 
