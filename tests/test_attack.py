@@ -22,6 +22,7 @@ def encoders():
     return original, erased, tiny_tokenizer()
 
 
+@pytest.mark.slow
 def test_with_nothing_erased_an_exhaustive_search_finds_the_concepts_own_token(encoders):
     original, _, tokenizer = encoders
     vocab = original.config.vocab_size
@@ -32,6 +33,7 @@ def test_with_nothing_erased_an_exhaustive_search_finds_the_concepts_own_token(e
     assert result.loss == pytest.approx(0.0, abs=1e-8) and result.cos_to_original == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_gcg_lowers_the_loss_never_uses_a_banned_token_and_is_reproducible(encoders):
     original, erased, tokenizer = encoders
     banned = banned_tokens(tokenizer, ["cat"], original.config.vocab_size)
@@ -48,6 +50,7 @@ def test_gcg_lowers_the_loss_never_uses_a_banned_token_and_is_reproducible(encod
     assert result.success == (result.cos_to_original >= settings.threshold)
 
 
+@pytest.mark.slow
 def test_the_continuous_attack_lowers_the_loss_below_its_start(encoders):
     original, erased, tokenizer = encoders
     banned = banned_tokens(tokenizer, ["cat"], original.config.vocab_size)
@@ -79,6 +82,7 @@ def test_bad_settings_and_inputs_are_one_line_errors(encoders):
         run_attacks(erased, original, tokenizer, AttackJob([]), AttackSettings(), "gcg")
 
 
+@pytest.mark.slow
 def test_the_command_attacks_a_workdir_and_writes_ids_others_can_rerun(tmp_path, capsys):
     base = tiny_encoder(seed=0)
     folder = save_encoder_folder(base, tmp_path / "enc")

@@ -230,6 +230,7 @@ def test_super_categories_that_differ_only_in_case_are_an_error(encoder_dir, tmp
 
 # ----------------------------------------------------------------------------- 9, 11: the workdir
 
+@pytest.mark.slow
 def test_a_second_erase_on_a_locked_workdir_names_the_holder(encoder_dir, tmp_path, capsys):
     workdir = tmp_path / "w"
     holder = subprocess.Popen(

@@ -86,6 +86,7 @@ def test_every_blocks_mlp_out_is_the_fc2_output_before_the_residual(clip):
         assert not np.allclose(np.asarray(flax_out["mlp_out"][i]), after_residual, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_t5_mlp_out_is_the_dense_relu_dense_output():
     from hirm_jax.encoder.t5_weights import load_t5_folder
     tokenizer = tiny_t5_tokenizer()
@@ -152,6 +153,7 @@ def reference_loss(model, job: dict, hook: str, objective: str, anchor_ids) -> "
 
 @pytest.mark.parametrize("objective", ["hirm_s", "hirm_r"])
 @pytest.mark.parametrize("hook", ["last_mlp_out", "final_ln", "penultimate", "text_embeds", "block_out:0"])
+@pytest.mark.slow
 def test_one_step_of_each_objective_and_hook_equals_a_pytorch_computation(clip, objective, hook):
     encoder, model = clip
     config = erase_config(objective, hook)

@@ -181,6 +181,7 @@ def test_round_trip_is_bit_exact(source, models, tmp_path):
     assert_same_params(again.params, encoder.params)
 
 
+@pytest.mark.slow
 def test_sd2_uses_the_penultimate_block_and_says_so(models, tmp_path, capsys):
     src = src_sd2(tmp_path, models)[0]
     encoder = load_text_encoder(src)

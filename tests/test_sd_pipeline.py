@@ -71,6 +71,7 @@ def generate(folder) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0)).images
 
 
+@pytest.mark.slow
 def test_exported_text_encoder_replaces_the_pipeline_component(tmp_path):
     folder = tmp_path / "pipeline"
     tiny_pipeline(folder)

@@ -82,6 +82,7 @@ def test_compare_representations_uses_only_the_masked_positions():
     assert out["cos_to_target"][0] == pytest.approx(-2 / 3)
 
 
+@pytest.mark.slow
 def test_report_for_run_rebuilds_targets_from_the_workdir(base, tmp_path):
     folder = save_encoder_folder(base, tmp_path / "enc")
     tiny_tokenizer(out_dir=folder)

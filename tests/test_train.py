@@ -148,6 +148,7 @@ def test_nonfinite_loss_stops_with_clear_error(encoder_dir, tmp_path):
     (lambda c: setattr(c.objective, "hooks", ("last_mlp",)), ConfigError, "objective.hooks"),
     (lambda c: setattr(c.train, "trainable_blocks", (7,)), ConfigError, "trainable_blocks"),
 ])
+@pytest.mark.slow
 def test_bad_inputs_fail_before_writing(encoder_dir, tmp_path, change, error, match):
     config = tiny_config(encoder_dir)
     change(config)
