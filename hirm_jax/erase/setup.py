@@ -61,6 +61,7 @@ class ErasePlan:
     chunks: list  # [(first job, end job)]
     num_padded: int  # jobs per chunk, padded to the mesh's concept axis
     optimizer: Any
+    init_fn: Optional[Callable] = None  # jitted once: trainable -> a fresh [num_padded] state on the mesh
 
     config = property(lambda self: self.loaded.config)
     encoder = property(lambda self: self.loaded.encoder)
@@ -68,7 +69,7 @@ class ErasePlan:
 
     def new_state(self) -> dict:
         """A fresh state for a chunk (every job at the base weights), on the mesh."""
-        return _init_fn(self.optimizer, self.num_padded, self.state_sharding)(self.base_trainable)
+        return self.init_fn(self.base_trainable)
 
     def place_jobs(self, lo: int, hi: int) -> dict:
         """The per-job arrays of jobs [lo, hi), padded to the chunk size, on the mesh."""
@@ -133,9 +134,10 @@ def plan_erase(config: ml_collections.ConfigDict, mesh=None) -> ErasePlan:
         total_steps=config.train.epochs * math.ceil(jobs.prompts_per_job / batch_size), chunks=[], num_padded=0,
         optimizer=optimizer)
     chunk_size = _chunk_size(plan)
+    num_padded = sharding.pad_to_multiple(chunk_size, mesh)
     return dataclasses.replace(
         plan, chunks=[(lo, min(lo + chunk_size, jobs.num_jobs)) for lo in range(0, jobs.num_jobs, chunk_size)],
-        num_padded=sharding.pad_to_multiple(chunk_size, mesh))
+        num_padded=num_padded, init_fn=_init_fn(optimizer, num_padded, state_sh))
 
 
 def jit_train_step(encoder: TextEncoder, config: ml_collections.ConfigDict, mesh, optimizer, trainable: dict,
