@@ -220,7 +220,7 @@ def attack_main(argv: Sequence[str]) -> int:
     parser.add_argument("--attack", default="gcg", choices=(*search.KINDS, "probe"))
     parser.add_argument("--probes", help="a file of prompts to score (--attack=probe)")
     defaults = search.AttackSettings()
-    for name in ("k", "steps", "restarts", "top_k", "candidates", "seed"):
+    for name in ("k", "steps", "restarts", "top_k", "candidates", "prompts_per_search", "seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("learning_rate", "threshold"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))

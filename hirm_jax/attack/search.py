@@ -30,8 +30,9 @@ differently).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ import numpy as np
 import optax
 
 from hirm_jax import log
+from hirm_jax.encoder.architectures import architecture_of
 from hirm_jax.encoder.hooks import read_hook
 from hirm_jax.encoder.tokenizer import encode_prompts
 from hirm_jax.errors import HirmError
@@ -65,13 +67,14 @@ class AttackSettings:
     hook: str = "final_ln"
     threshold: float = 0.9  # cos_to_original counted as success
     seed: int = 0
+    prompts_per_search: int = 16  # prompts searched together (memory: x restarts x 64 candidates)
 
     def check(self, vocab_size: int) -> None:
         if self.kind not in KINDS:
             raise AttackError(f"attack must be one of {list(KINDS)} but is {self.kind!r}")
         if self.placement not in PLACEMENTS:
             raise AttackError(f"placement must be one of {list(PLACEMENTS)} but is {self.placement!r}")
-        for name in ("k", "steps", "restarts", "top_k", "candidates"):
+        for name in ("k", "steps", "restarts", "top_k", "candidates", "prompts_per_search"):
             if getattr(self, name) < 1:
                 raise AttackError(f"{name} must be >= 1 but is {getattr(self, name)}")
         if self.top_k > vocab_size:
@@ -142,59 +145,88 @@ def _rep(encoder, params, ids, hook: str, token_embeds=None):
     return read_hook(encoder.apply(params, ids, None, token_embeds), hook)
 
 
-def _loss(rep, target):
-    return jnp.mean(jnp.sum(jnp.square(rep[:, 1:] - target[None, 1:]), -1), -1)
-
-
 def _cos(rep, target) -> np.ndarray:
-    a, b = np.asarray(rep, np.float64)[..., 1:, :], np.asarray(target, np.float64)[None, 1:, :]
+    """Mean positional cosine (every position but BOS) of rep [..., T, D] to target [T, D]."""
+    a, b = np.asarray(rep, np.float64)[..., 1:, :], np.asarray(target, np.float64)[..., 1:, :]
     cos = np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
     return cos.mean(-1)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Problem:
-    """One concept prompt to attack: the erased encoder, the skeleton, the target."""
-    erased: Any
-    settings: AttackSettings
-    ids: jax.Array  # [T] skeleton ids
-    slots: jax.Array  # [k]
-    target: jax.Array  # [T, D]: the original encoder's representation of the concept's prompt
-    banned: jax.Array  # [V] bool
+# ----------------------------------------------------------------------------- the search, as pure functions
+# One prompt to attack is a dict of arrays (vmapped over prompts and restarts):
+#   ids [T] (slot positions hold a placeholder), slots [k], slot_mask [k] (1 = the slot is searched),
+#   target [T, D] (the original's representation), weights [T] (positions compared), banned [V].
+# The same functions run inside robust HiRM's train step (hirm_jax.erase.adversarial), there with
+# the trainable parameters of the moment.
 
-    @property
-    def table(self):
-        return jnp.asarray(self.erased.params["embeddings"]["token_embedding"]["embedding"])
-
-    def loss_of_tokens(self, slot_tokens):  # [B, k] -> [B]
-        ids = jnp.broadcast_to(self.ids, (slot_tokens.shape[0], self.ids.shape[0])).at[:, self.slots].set(slot_tokens)
-        return _loss(_rep(self.erased, self.erased.params, ids, self.settings.hook), self.target)
-
-    def loss_of_embeds(self, slot_embeds):  # [k, D] -> scalar
-        embeds = self.table[self.ids].at[self.slots].set(slot_embeds)
-        return _loss(_rep(self.erased, self.erased.params, self.ids[None], self.settings.hook, embeds[None]),
-                     self.target)[0]
+def embeds_with(table, prompt, slot_embeds):
+    """[T, D] input embeddings of the prompt with `slot_embeds` [k, D] at its active slots."""
+    base = table[prompt["ids"]]
+    new = jnp.where(prompt["slot_mask"][:, None] > 0, slot_embeds.astype(base.dtype), base[prompt["slots"]])
+    return base.at[prompt["slots"]].set(new)
 
 
-def _gcg_step(problem: _Problem, slot_tokens, loss, key):
-    """One greedy coordinate step of one restart: rank tokens by the one-hot gradient, score
-    `candidates` single swaps in one batch, keep the best if it lowers the loss."""
-    s = problem.settings
-    onehot = jax.nn.one_hot(slot_tokens, problem.table.shape[0], dtype=problem.table.dtype)
-    grad = jax.grad(lambda x: problem.loss_of_embeds(x @ problem.table))(onehot)
-    grad = jnp.where(problem.banned[None], jnp.inf, grad)
-    top = jax.lax.top_k(-grad, s.top_k)[1]  # [k, top_k]
+def ids_with(prompt, slot_tokens):
+    """[..., T] token ids with `slot_tokens` [..., k] at the active slots."""
+    ids = jnp.broadcast_to(prompt["ids"], (*slot_tokens.shape[:-1], prompt["ids"].shape[-1]))
+    tokens = jnp.where(prompt["slot_mask"] > 0, slot_tokens, prompt["ids"][prompt["slots"]])
+    return ids.at[..., prompt["slots"]].set(tokens)
+
+
+def distance(rep, prompt):
+    """Weighted mean over positions of ||rep_t - target_t||^2 ([..., T, D] -> [...])."""
+    sq = jnp.sum(jnp.square(rep.astype(jnp.float32) - prompt["target"].astype(jnp.float32)), -1)
+    return jnp.sum(sq * prompt["weights"], -1) / jnp.maximum(jnp.sum(prompt["weights"]), 1.0)
+
+
+def loss_of_embeds(apply, hook: str, params, prompt, slot_embeds):
+    embeds = embeds_with(params["embeddings"]["token_embedding"]["embedding"], prompt, slot_embeds)
+    return distance(read_hook(apply(params, prompt["ids"][None], None, embeds[None]), hook)[0], prompt)
+
+
+def loss_of_tokens(apply, hook: str, params, prompt, slot_tokens):  # [N, k] -> [N]
+    return distance(read_hook(apply(params, ids_with(prompt, slot_tokens), None), hook), prompt)
+
+
+def gcg_step(apply, settings: "AttackSettings", params, prompt, slot_tokens, loss, key):
+    """One greedy coordinate step of one restart: rank tokens by the gradient through one-hot
+    slots, score `candidates` single swaps in batches, keep the best if it lowers the loss."""
+    table = params["embeddings"]["token_embedding"]["embedding"]
+    onehot = jax.nn.one_hot(slot_tokens, table.shape[0], dtype=table.dtype)
+    grad = jax.grad(lambda x: loss_of_embeds(apply, settings.hook, params, prompt, x @ table))(onehot)
+    grad = jnp.where(prompt["banned"][None], jnp.inf, grad)
+    top = jax.lax.top_k(-grad, settings.top_k)[1]  # [k, top_k]
     key_slot, key_token = jax.random.split(key)
-    slot = jax.random.randint(key_slot, (s.candidates,), 0, s.k)
-    token = top[slot, jax.random.randint(key_token, (s.candidates,), 0, s.top_k)]
-    candidates = jnp.broadcast_to(slot_tokens, (s.candidates, s.k)).at[jnp.arange(s.candidates), slot].set(token)
-    losses = _in_chunks(problem.loss_of_tokens, candidates)
+    slot = jax.random.categorical(key_slot, jnp.log(prompt["slot_mask"]), shape=(settings.candidates,))
+    token = top[slot, jax.random.randint(key_token, (settings.candidates,), 0, settings.top_k)]
+    candidates = jnp.broadcast_to(slot_tokens, (settings.candidates, slot_tokens.shape[0]))
+    candidates = candidates.at[jnp.arange(settings.candidates), slot].set(token)
+    losses = _in_chunks(lambda rows: loss_of_tokens(apply, settings.hook, params, prompt, rows), candidates)
     best = jnp.argmin(losses)
     better = losses[best] < loss
     return jnp.where(better, candidates[best], slot_tokens), jnp.where(better, losses[best], loss)
 
 
-CHUNK = 64  # candidates scored per forward pass (memory: CHUNK x 77 tokens of activations)
+def continuous_steps(apply, settings: "AttackSettings", params, prompt, slot_embeds, steps: int):
+    """`steps` Adam steps (fresh state) on the slot embeddings [k, D] -> (embeds, first loss, last loss)."""
+    optimizer = optax.adam(settings.learning_rate)
+    value_and_grad = jax.value_and_grad(lambda e: loss_of_embeds(apply, settings.hook, params, prompt, e))
+
+    def step(carry, _):
+        embeds, state = carry
+        loss, grad = value_and_grad(embeds)
+        updates, state = optimizer.update(grad, state)
+        return (optax.apply_updates(embeds, updates), state), loss
+    (slot_embeds, _), losses = jax.lax.scan(step, (slot_embeds, optimizer.init(slot_embeds)), None, length=steps)
+    return slot_embeds, losses[0], loss_of_embeds(apply, settings.hook, params, prompt, slot_embeds)
+
+
+def random_allowed(key, banned, shape):
+    """Token ids drawn uniformly from the tokens not banned ([V] bool)."""
+    return jax.random.categorical(key, jnp.where(banned, -jnp.inf, 0.0), shape=shape).astype(jnp.int32)
+
+
+CHUNK = 64  # candidates scored per forward pass (memory: CHUNK x T tokens of activations per prompt)
 
 
 def _in_chunks(fn, rows):
@@ -207,75 +239,115 @@ def _in_chunks(fn, rows):
     return jax.lax.map(fn, rows.reshape(padded // CHUNK, CHUNK, *rows.shape[1:])).reshape(-1)[:n]
 
 
-def _run_gcg(problem: _Problem, start, key):
-    """[R, k] starting tokens -> (best tokens [k], best loss, mean start loss)."""
-    step = jax.jit(jax.vmap(lambda t, l, k: _gcg_step(problem, t, l, k)))
-    losses = jax.jit(problem.loss_of_tokens)(start)
-    start_loss, tokens = losses, start
-    for i in range(problem.settings.steps):
-        tokens, losses = step(tokens, losses, jax.random.split(jax.random.fold_in(key, i), start.shape[0]))
-    best = int(jnp.argmin(losses))
-    return np.asarray(tokens[best]), float(losses[best]), float(jnp.mean(start_loss))
+# ----------------------------------------------------------------------------- the command's search
+
+@functools.lru_cache(maxsize=16)
+def _searchers(config, settings: AttackSettings) -> dict:
+    """The jitted searches for one encoder config and settings, vmapped over prompts [P] and
+    restarts [R]; compiled once per shape, whatever the concepts."""
+    apply = architecture_of(config).encoder_class(config, None).apply
+    per_restart = lambda fn, restart_axes: jax.vmap(jax.vmap(fn, in_axes=(None, None, *restart_axes)),
+                                                    in_axes=(None, 0, *([0] * len(restart_axes))))
+    return dict(
+        gcg=jax.jit(per_restart(functools.partial(gcg_step, apply, settings), (0, 0, 0))),
+        tokens_loss=jax.jit(jax.vmap(functools.partial(loss_of_tokens, apply, settings.hook), in_axes=(None, 0, 0))),
+        continuous=jax.jit(per_restart(lambda params, prompt, e: continuous_steps(apply, settings, params, prompt, e,
+                                                                                 settings.steps), (0,))),
+        rep=jax.jit(lambda params, ids, embeds: read_hook(apply(params, ids, None, embeds), settings.hook)),
+    )
 
 
-def _run_continuous(problem: _Problem, start, key):
-    """Adam on the slot embeddings from the starting tokens' -> (nearest tokens, loss, start loss, embeds)."""
-    del key
-    optimizer = optax.adam(problem.settings.learning_rate)
-    embeds = problem.table[start]  # [R, k, D]
-    state = jax.vmap(optimizer.init)(embeds)
-    value_and_grad = jax.vmap(jax.value_and_grad(problem.loss_of_embeds))
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One prompt to attack: the concept, its template, and the tokens the search may not use."""
+    concept: str
+    template: str
+    banned: np.ndarray  # [V] bool
 
-    @jax.jit
-    def step(embeds, state):
-        losses, grads = value_and_grad(embeds)
-        updates, state = jax.vmap(optimizer.update)(grads, state)
-        return optax.apply_updates(embeds, updates), state, losses
-    start_loss = None
-    for _ in range(problem.settings.steps):
-        embeds, state, losses = step(embeds, state)
-        start_loss = losses if start_loss is None else start_loss
-    final = jax.jit(jax.vmap(problem.loss_of_embeds))(embeds)
-    best = int(jnp.argmin(final))
-    table = problem.table / jnp.linalg.norm(problem.table, axis=-1, keepdims=True)
-    similarity = (embeds[best] / jnp.linalg.norm(embeds[best], axis=-1, keepdims=True)) @ table.T
-    nearest = jnp.argmax(jnp.where(problem.banned[None], -jnp.inf, similarity), -1)
-    return np.asarray(nearest), float(final[best]), float(jnp.mean(start_loss)), embeds[best]
+
+def search(erased, original, tokenizer, items: Sequence[Item], settings: AttackSettings) -> list[AttackResult]:
+    """Attack every item at once (prompts and restarts vmapped in one jitted search); see the
+    module docstring. `seconds` is the search's time divided among the items."""
+    settings.check(erased.config.vocab_size)
+    t0 = time.perf_counter()
+    length = erased.config.max_position_embeddings
+    fns = _searchers(erased.config, settings)
+    concept_ids = encode_prompts(tokenizer, [i.template.format(i.concept) for i in items], length)["input_ids"]
+    targets = fns["rep"](original.params, concept_ids, None)
+    skeletons = [skeleton(tokenizer, i.template, i.concept, settings.k, settings.placement, length) for i in items]
+    weights = np.ones(length, np.float32)
+    weights[0] = 0.0  # BOS is the same for every prompt
+    prompts = dict(ids=jnp.asarray(np.stack([s.ids for s in skeletons])), slots=jnp.asarray(np.stack([s.slots for s in skeletons])),
+                   slot_mask=jnp.ones((len(items), settings.k), jnp.float32), target=targets,
+                   weights=jnp.asarray(np.broadcast_to(weights, (len(items), length))),
+                   banned=jnp.asarray(np.stack([i.banned for i in items])))
+    rng = np.random.default_rng(settings.seed)
+    start = []
+    for item in items:
+        allowed = np.flatnonzero(~item.banned)
+        if allowed.size == 0:
+            raise AttackError(f"every token is banned for {item.concept!r}: nothing to search")
+        start.append(rng.choice(allowed, (settings.restarts, settings.k)))
+    start = jnp.asarray(np.stack(start), jnp.int32)  # [P, R, k]
+    if settings.kind == "gcg":
+        tokens, losses, start_losses, soft = _gcg(fns, erased.params, prompts, start, settings)
+    else:
+        tokens, losses, start_losses, soft = _continuous(fns, erased.params, prompts, start)
+    return _results(fns, erased, original, tokenizer, items, skeletons, prompts, targets, concept_ids, tokens, losses,
+                    start_losses, soft, settings, (time.perf_counter() - t0) / len(items))
+def _gcg(fns, params, prompts, start, settings: AttackSettings):
+    """-> (tokens [P, R, k], losses [P, R], start losses [P, R], None)."""
+    losses = start_losses = fns["tokens_loss"](params, prompts, start)
+    tokens, key = start, jax.random.key(settings.seed)
+    shape = start.shape[:2]
+    for i in range(settings.steps):
+        keys = jax.random.split(jax.random.fold_in(key, i), shape[0] * shape[1]).reshape(shape)
+        tokens, losses = fns["gcg"](params, prompts, tokens, losses, keys)
+        if (i + 1) % 10 == 0 or i + 1 == settings.steps:
+            _log.info(f"attack gcg: step {i + 1}/{settings.steps}, mean best loss {float(jnp.mean(losses.min(1))):.4g}")
+    return tokens, losses, start_losses, None
+
+
+def _continuous(fns, params, prompts, start):
+    """-> (nearest allowed tokens [P, R, k], losses [P, R], start losses [P, R], soft embeds [P, R, k, D])."""
+    table = jnp.asarray(params["embeddings"]["token_embedding"]["embedding"])
+    embeds, start_losses, losses = fns["continuous"](params, prompts, table[start])
+    unit = table / jnp.linalg.norm(table, axis=-1, keepdims=True)
+    similarity = (embeds / jnp.linalg.norm(embeds, axis=-1, keepdims=True)) @ unit.T  # [P, R, k, V]
+    nearest = jnp.argmax(jnp.where(prompts["banned"][:, None, None], -jnp.inf, similarity), -1)
+    return nearest, losses, start_losses, embeds
+
+
+def _results(fns, erased, original, tokenizer, items, skeletons, prompts, targets, concept_ids, tokens, losses,
+             start_losses, soft, settings: AttackSettings, seconds: float) -> list[AttackResult]:
+    """The best restart of each item, measured: cosines to the original through both encoders."""
+    best = np.asarray(jnp.argmin(losses, 1))
+    rows = np.arange(len(items))
+    ids = np.asarray(jax.vmap(ids_with)(prompts, tokens[rows, best]))  # [P, T]
+    embeds = None
+    if soft is not None:  # the continuous attack is measured on its soft prompt (its text is for reading)
+        table = jnp.asarray(erased.params["embeddings"]["token_embedding"]["embedding"])
+        embeds = jax.vmap(embeds_with, in_axes=(None, 0, 0))(table, prompts, soft[rows, best])
+    cos_to_original = _cos(fns["rep"](erased.params, ids, embeds), targets)
+    cos_control = _cos(fns["rep"](original.params, ids, embeds), targets)
+    cos_erased = _cos(fns["rep"](erased.params, concept_ids, None), targets)
+    results = []
+    for p, item in enumerate(items):
+        row = ids[p]
+        body = row[1:int(np.flatnonzero(row == tokenizer.eos_token_id)[0])]
+        results.append(AttackResult(
+            concept=item.concept, attack=settings.kind, template=item.template, text=tokenizer.decode(body),
+            ids=row.tolist(), loss=float(losses[p, best[p]]), loss_start=float(jnp.mean(start_losses[p])),
+            cos_to_original=float(cos_to_original[p]), cos_erased=float(cos_erased[p]),
+            cos_control=float(cos_control[p]), success=bool(cos_to_original[p] >= settings.threshold),
+            threshold=settings.threshold, seconds=seconds, settings=dataclasses.asdict(settings)))
+    return results
 
 
 def attack_prompt(erased, original, tokenizer, template: str, concept: str, settings: AttackSettings,
                   banned: np.ndarray) -> AttackResult:
     """Attack one concept prompt (`template` with the concept in '{}'); see the module docstring."""
-    settings.check(erased.config.vocab_size)
-    t0 = time.perf_counter()
-    length = erased.config.max_position_embeddings
-    concept_ids = encode_prompts(tokenizer, [template.format(concept)], length)["input_ids"]
-    target = _rep(original, original.params, concept_ids, settings.hook)[0]
-    sk = skeleton(tokenizer, template, concept, settings.k, settings.placement, length)
-    allowed = np.flatnonzero(~banned)
-    if allowed.size == 0:
-        raise AttackError(f"every token is banned for {concept!r}: nothing to search")
-    rng = np.random.default_rng(settings.seed)
-    start = jnp.asarray(rng.choice(allowed, (settings.restarts, settings.k)), jnp.int32)
-    problem = _Problem(erased, settings, jnp.asarray(sk.ids), jnp.asarray(sk.slots), target, jnp.asarray(banned))
-    key = jax.random.key(settings.seed)
-    embeds = None
-    if settings.kind == "gcg":
-        tokens, loss, start_loss = _run_gcg(problem, start, key)
-    else:
-        tokens, loss, start_loss, embeds = _run_continuous(problem, start, key)
-    ids = sk.ids.copy()
-    ids[sk.slots] = tokens
-    soft = None if embeds is None else problem.table[jnp.asarray(ids)].at[problem.slots].set(embeds)[None]
-    cos = lambda encoder, x, e=None: float(_cos(_rep(encoder, encoder.params, x, settings.hook, e), target)[0])
-    cos_to_original = cos(erased, ids[None], soft)
-    body = ids[1:int(np.flatnonzero(ids == tokenizer.eos_token_id)[0])]
-    return AttackResult(
-        concept=concept, attack=settings.kind, template=template, text=tokenizer.decode(body), ids=ids.tolist(),
-        loss=loss, loss_start=start_loss, cos_to_original=cos_to_original,
-        cos_erased=cos(erased, concept_ids), cos_control=cos(original, ids[None], soft),
-        success=cos_to_original >= settings.threshold, threshold=settings.threshold,
-        seconds=time.perf_counter() - t0, settings=dataclasses.asdict(settings))
+    return search(erased, original, tokenizer, [Item(concept, template, banned)], settings)[0]
 
 
 def score_probes(erased, original, tokenizer, concept: str, template: str, probes: Sequence[str],
@@ -312,17 +384,18 @@ def run_attacks(erased, original, tokenizer, job: AttackJob, settings: AttackSet
     check_same_encoder(erased, original)
     if not job.concepts:
         raise AttackError("no concept to attack: give at least one")
+    if kind == "probe":
+        return [r for concept in job.concepts for template in job.templates
+                for r in score_probes(erased, original, tokenizer, concept, template, job.probes, settings.hook,
+                                      settings.threshold)]
+    settings = dataclasses.replace(settings, kind=kind)
+    items = [Item(concept, template, banned_tokens(tokenizer, [concept, *job.synonyms.get(concept, ())],
+                                                   erased.config.vocab_size))
+             for concept in job.concepts for template in job.templates]
     results = []
-    for i, concept in enumerate(job.concepts, 1):
-        for template in job.templates:
-            if kind == "probe":
-                results += score_probes(erased, original, tokenizer, concept, template, job.probes, settings.hook,
-                                        settings.threshold)
-                continue
-            banned = banned_tokens(tokenizer, [concept, *job.synonyms.get(concept, ())], erased.config.vocab_size)
-            results.append(attack_prompt(erased, original, tokenizer, template, concept,
-                                         dataclasses.replace(settings, kind=kind), banned))
-        _log.info(f"attack {kind}: {i}/{len(job.concepts)} concepts, {results[-1].seconds:.1f}s for the last prompt")
+    for lo in range(0, len(items), settings.prompts_per_search):
+        results += search(erased, original, tokenizer, items[lo:lo + settings.prompts_per_search], settings)
+        _log.info(f"attack {kind}: {len(results)}/{len(items)} prompts, {results[-1].seconds:.2f}s per prompt")
     return results
 
 
