@@ -85,7 +85,8 @@ def build_abstract_step(config, encoder_config: T5EncoderConfig, mesh, num_jobs:
     optimizer = step_lib.make_optimizer(config.train)
     trainable, frozen = masking.split(params, setup.trainable_paths(config, encoder, arch))
     batch_size = config.train.batch_size or prompts_per_job
-    step_fn, state_sh, frozen_sh = setup.jit_train_step(encoder, config, mesh, optimizer, trainable, frozen, batch_size)
+    step_fn, state_sh, frozen_sh = setup.jit_train_step(encoder, config, mesh, optimizer, (trainable, None), frozen,
+                                                        batch_size)
     num_padded = sharding.pad_to_multiple(num_jobs, mesh)
     state = setup.abstract(jax.eval_shape(lambda t: step_lib.init_state(t, optimizer, num_padded), trainable), state_sh)
     per_job = setup.abstract(per_job_shapes(config, encoder_config, num_padded, prompts_per_job), sharding.per_job(mesh))

@@ -106,6 +106,23 @@ def _objective_fields() -> ml_collections.ConfigDict:
     s.hooks = ("last_mlp_out",)
     s.token_positions = "all_but_bos"
     s.vector_pairs_file = ""  # hirm_s_vector: TSV with_concept \t without_concept
+    s.adversarial = _adversarial_fields()
+    return s
+
+
+def _adversarial_fields() -> ml_collections.ConfigDict:
+    """Robust HiRM (hirm_jax.erase.adversarial): an inner prompt attack against the training
+    block(s) finds inputs that bring the concept back; they join the concept prompts."""
+    s = ml_collections.ConfigDict()
+    s.enabled = False
+    s.attack = "continuous"  # or "gcg" (tokens)
+    s.every = 1  # the inner attack runs every N outer steps (its state is kept in between)
+    s.steps = 5  # inner attack steps per run (continuous: Adam steps; gcg: coordinate steps)
+    s.learning_rate = 0.05  # continuous
+    s.top_k = 32  # gcg: candidate tokens per slot
+    s.candidates = 32  # gcg: swaps scored per step and prompt
+    s.weight = 1.0  # of the misdirection term on the adversarial prompts
+    s.hook = "final_ln"  # what the attack matches: the representation the pipeline consumes
     return s
 
 
@@ -309,6 +326,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.objective.name == "hirm_s_vector":
         _require(bool(c.objective.vector_pairs_file),
                  "objective.vector_pairs_file must name a TSV of paired prompts for hirm_s_vector")
+    _check_adversarial(c.objective.adversarial)
+
+
+ADVERSARIAL_ATTACKS = ("continuous", "gcg")
+
+
+def _check_adversarial(a: ml_collections.ConfigDict) -> None:
+    _require(a.attack in ADVERSARIAL_ATTACKS,
+             f"objective.adversarial.attack must be one of {list(ADVERSARIAL_ATTACKS)} but is {a.attack!r}")
+    for field in ("every", "steps", "top_k", "candidates"):
+        _require(getattr(a, field) >= 1, f"objective.adversarial.{field} must be >= 1 but is {getattr(a, field)}")
+    for field in ("learning_rate", "weight"):
+        _require(getattr(a, field) > 0, f"objective.adversarial.{field} must be > 0 but is {getattr(a, field)}")
+    parse_hook(a.hook)
 
 
 def resolve_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from hirm_jax import config_lib
-from hirm_jax.erase import objectives
+from hirm_jax.erase import adversarial, objectives
 from hirm_jax.erase import prompts
 from hirm_jax.encoder.architectures import architecture_of
 from hirm_jax.encoder.clip import TextEncoder
@@ -135,6 +135,25 @@ def concept_vector(config, tok: Callable, encode_fn, params) -> dict[str, np.nda
     return {h: (with_reps[h] - without_reps[h]).mean(0) for h in with_reps}
 
 
+def _adversarial_arrays(spec, encoder: TextEncoder, tokenizer, pairs: list, ids, mask) -> dict[str, np.ndarray]:
+    """Robust HiRM's per-prompt arrays: where each concept's tokens are, what the ORIGINAL encoder
+    makes of the prompt at the attack's hook (the attack's target), a seed, and for gcg the banned tokens."""
+    arch = architecture_of(encoder)
+    if not arch.has_bos:
+        raise config_lib.ConfigError(f"objective.adversarial needs a CLIP text encoder; the {arch.name} encoder "
+                                     "has no prompt attack yet")
+    slots, slot_mask = adversarial.concept_slots(tokenizer, pairs, ids)
+    encode = make_encode_fn(encoder, (spec.settings.hook,), False)  # the attack runs without a mask
+    arrays = dict(adv_slots=slots, adv_slot_mask=slot_mask,
+                  adv_target=encode_in_chunks(encode, encoder.params, ids, mask)[spec.settings.hook],
+                  adv_seed=np.array([zlib.crc32(p.prompt.encode("utf-8")) & 0x7FFFFFFF for p in pairs], np.int32))
+    if spec.tokens:
+        from hirm_jax.attack.search import banned_tokens  # noqa: PLC0415
+        by_concept = {p.concept: banned_tokens(tokenizer, [p.concept], encoder.config.vocab_size) for p in pairs}
+        arrays["adv_banned"] = np.stack([by_concept[p.concept] for p in pairs])
+    return arrays
+
+
 def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
     """The jobs of `config` for `encoder` (a CLIP TextEncoder or a T5Encoder: its architecture
     sets the prompt length, encoder.max_length or CLIP's 77, and whether position 0 is BOS)."""
@@ -174,6 +193,9 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
         targets={h: by_job(targets[h].astype(np.float32) * obj.scale) for h in hooks},
         weights={h: by_job(weights_of(ids, mask, h)) for h in hooks},
     )
+    spec = adversarial.Adversarial.from_config(obj.adversarial)
+    if spec is not None:
+        per_job.update({k: by_job(v) for k, v in _adversarial_arrays(spec, encoder, tokenizer, pairs, ids, mask).items()})
     shared = {}
     if config.preservation.weight > 0:
         from hirm_jax.resources import data_path  # noqa: PLC0415

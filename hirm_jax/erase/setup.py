@@ -25,10 +25,10 @@ from hirm_jax import config_lib, hub, log
 from hirm_jax.encoder.architectures import Architecture, architecture_of
 from hirm_jax.encoder.clip import TextEncoder
 from hirm_jax.erase import base as base_lib
-from hirm_jax.erase import masking, prompts, sharding
+from hirm_jax.erase import adversarial, masking, prompts, sharding
 from hirm_jax.erase.jobs import Jobs, build_jobs
-from hirm_jax.erase.step import (batch_indices, init_state, make_loss_fn, make_optimizer, make_train_step, pad_jobs,
-                                 state_shardings)
+from hirm_jax.erase.step import (batch_indices, init_state, make_inner_attack, make_loss_fn, make_optimizer,
+                                 make_train_step, pad_jobs, state_shardings)
 from hirm_jax.erase.workdir import BaseRecord
 from hirm_jax.fileio import fingerprint
 
@@ -62,6 +62,7 @@ class ErasePlan:
     num_padded: int  # jobs per chunk, padded to the mesh's concept axis
     optimizer: Any
     init_fn: Optional[Callable] = None  # jitted once: trainable -> a fresh [num_padded] state on the mesh
+    attack_init: Optional[jax.Array] = None  # robust HiRM: one job's initial attack state
 
     config = property(lambda self: self.loaded.config)
     encoder = property(lambda self: self.loaded.encoder)
@@ -82,8 +83,17 @@ class ErasePlan:
         return self.frozen, per_job, self.shared, indices, weights
 
 
-def _init_fn(optimizer, num_padded: int, state_sharding) -> Callable:
-    return jax.jit(lambda t: init_state(t, optimizer, num_padded), out_shardings=state_sharding)
+def _init_fn(optimizer, num_padded: int, state_sharding, attack_init) -> Callable:
+    return jax.jit(lambda t: init_state(t, optimizer, num_padded, attack_init), out_shardings=state_sharding)
+
+
+def attack_init(config: ml_collections.ConfigDict, jobs: Jobs, encoder: TextEncoder) -> Optional[jax.Array]:
+    """Robust HiRM's initial attack state for one job (None when objective.adversarial is off)."""
+    spec = adversarial.Adversarial.from_config(config.objective.adversarial)
+    if spec is None:
+        return None
+    return adversarial.initial_state(spec, jobs.prompts_per_job, jobs.per_job["adv_slots"].shape[-1],
+                                     encoder.config.hidden_size)
 
 
 def load_erase(config: ml_collections.ConfigDict) -> Loaded:
@@ -126,34 +136,38 @@ def plan_erase(config: ml_collections.ConfigDict, mesh=None) -> ErasePlan:
     optimizer = make_optimizer(config.train)
     trainable, frozen = masking.split(loaded.encoder.params, trainable_paths(config, loaded.encoder, loaded.arch))
     batch_size = config.train.batch_size or jobs.prompts_per_job
-    step_fn, state_sh, frozen_sh = jit_train_step(loaded.encoder, config, mesh, optimizer, trainable, frozen,
-                                                   batch_size)
+    initial_attack = attack_init(config, jobs, loaded.encoder)
+    step_fn, state_sh, frozen_sh = jit_train_step(loaded.encoder, config, mesh, optimizer, (trainable, initial_attack),
+                                                   frozen, batch_size)
     plan = ErasePlan(
         loaded, mesh, step_fn, sharding.put(frozen, frozen_sh), sharding.put(jobs.shared, sharding.replicated(mesh)),
         sharding.put(trainable, sharding.replicated(mesh)), state_sh, batch_size,
         total_steps=config.train.epochs * math.ceil(jobs.prompts_per_job / batch_size), chunks=[], num_padded=0,
-        optimizer=optimizer)
+        optimizer=optimizer, attack_init=initial_attack)
     chunk_size = _chunk_size(plan)
     num_padded = sharding.pad_to_multiple(chunk_size, mesh)
     return dataclasses.replace(
         plan, chunks=[(lo, min(lo + chunk_size, jobs.num_jobs)) for lo in range(0, jobs.num_jobs, chunk_size)],
-        num_padded=num_padded, init_fn=_init_fn(optimizer, num_padded, state_sh))
+        num_padded=num_padded, init_fn=_init_fn(optimizer, num_padded, state_sh, initial_attack))
 
 
-def jit_train_step(encoder: TextEncoder, config: ml_collections.ConfigDict, mesh, optimizer, trainable: dict,
+def jit_train_step(encoder: TextEncoder, config: ml_collections.ConfigDict, mesh, optimizer, initial,
                    frozen: dict, batch_size: int) -> tuple[Callable, dict, dict]:
     """(jitted step, state shardings, frozen shardings) for this encoder, config and mesh.
 
-    Works on arrays or on jax.ShapeDtypeStructs (`bench/bench_t5_memory.py` lowers it on
-    abstract T5-XXL shapes). The state's shardings depend on its tree only, so one jitted step
-    serves every chunk size."""
+    `initial` = (trainable leaves, one job's initial attack state or None). Works on arrays or
+    on jax.ShapeDtypeStructs (`bench/bench_t5_memory.py` lowers it on abstract T5-XXL shapes).
+    The state's shardings depend on its tree only, so one jitted step serves every chunk size."""
+    trainable, initial_attack = initial
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(batch_size, mesh))
+    spec = adversarial.Adversarial.from_config(config.objective.adversarial)
     loss_fn = make_loss_fn(encoder, tuple(config.objective.hooks), config.encoder.use_attention_mask,
-                           config.preservation.weight, batch_sharding)
-    state_sh = state_shardings(jax.eval_shape(lambda t: init_state(t, optimizer, 1), trainable), mesh)
+                           config.preservation.weight, batch_sharding, spec)
+    inner = None if spec is None else make_inner_attack(encoder, spec, config.train.seed)
+    state_sh = state_shardings(jax.eval_shape(lambda t: init_state(t, optimizer, 1, initial_attack), trainable), mesh)
     frozen_sh = sharding.frozen_shardings(mesh, frozen)
     rep = sharding.replicated(mesh)
-    step_fn = jax.jit(make_train_step(loss_fn, optimizer, spmd_axis_name="concept"),
+    step_fn = jax.jit(make_train_step(loss_fn, optimizer, spmd_axis_name="concept", inner_attack=inner),
                       in_shardings=(state_sh, frozen_sh, sharding.per_job(mesh), rep, rep, rep),
                       out_shardings=(state_sh, sharding.per_job(mesh)), donate_argnums=0)
     return step_fn, state_sh, frozen_sh
@@ -162,7 +176,8 @@ def jit_train_step(encoder: TextEncoder, config: ml_collections.ConfigDict, mesh
 def abstract_step_args(plan: ErasePlan, num_padded: int) -> tuple:
     """(state, frozen, per_job, shared, indices, weights) as sharded ShapeDtypeStructs, for
     lowering the step without placing anything (memory analysis, chunk fitting)."""
-    state = abstract(jax.eval_shape(lambda t: init_state(t, plan.optimizer, num_padded), plan.base_trainable),
+    state = abstract(jax.eval_shape(lambda t: init_state(t, plan.optimizer, num_padded, plan.attack_init),
+                                    plan.base_trainable),
                      plan.state_sharding)
     per_job = abstract(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((num_padded, *x.shape[1:]), x.dtype),
                                               plan.jobs.per_job), sharding.per_job(plan.mesh))

@@ -1,0 +1,80 @@
+"""Image-level attack success on the demo world: do the adversarial prompts bring the concept back?
+
+    rows = attack_rows(world, erased, original, "heart", settings)        # hirm_jax.attack.search
+    figures = attack_success(world, erased_folder, rows, seeds_per_prompt=5)
+    figures["ASR"], figures["control"]
+
+Each adversarial prompt (its token ids, as `hirm-jax attack` writes them) is drawn with
+`seeds_per_prompt` seeds through the ERASED encoder and, as the control, through the ORIGINAL
+one; the world's judge labels every image. ASR = share of the erased encoder's images that show
+the concept; `control` = the same share through the original encoder (a prompt that makes the
+concept even without erasure is a synonym the erasure should have covered, not noise; both are
+reported, with 95% Wilson intervals). The prompts come from the held-out templates with every
+class of the other kind, so the attack is measured where the erasure was not trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from hirm_jax import log
+
+_log = log.get(__name__)
+
+FIRST_ATTACK_SEED = 30_000  # images of attack prompts: seeds apart from the demo's and the world's
+
+
+def attack_templates(concept: str, kind: str, per_template: int = 0) -> list[str]:
+    """Held-out templates with the concept's slot left open and the other kind filled in, cycling
+    through the other kind's classes (`per_template` of them per template; 0 = all)."""
+    from hirm_jax import world as w
+    others = w.STYLES if kind == "object" else w.OBJECTS
+    templates = []
+    for i, template in enumerate(w.HELDOUT_TEMPLATES):
+        chosen = others if not per_template else [others[(i * per_template + j) % len(others)]
+                                                  for j in range(per_template)]
+        for other in chosen:
+            fill = dict(object="{}", style=other) if kind == "object" else dict(style="{}", object=other)
+            templates.append(template.format(**fill))
+    return templates
+
+
+def attack_rows(erased, original, tokenizer, concept: str, kind: str, settings, per_template: int = 0) -> list:
+    """The token attack on every attack template of the concept (its own name's tokens banned)."""
+    from hirm_jax.attack.search import AttackJob, run_attacks
+    job = AttackJob([concept], attack_templates(concept, kind, per_template))
+    return run_attacks(erased, original, tokenizer, job, settings, settings.kind)
+
+
+def attack_success(world, erased_encoder, rows, seeds_per_prompt: int = 5, first_seed: int = FIRST_ATTACK_SEED) -> dict:
+    """ASR and control (above) of attack rows (AttackResult or their JSON dicts) for one concept."""
+    from hirm_jax import world as w
+    from hirm_jax.evaluation.metrics import wilson_interval
+    from hirm_jax.world.demo import concept_kind
+    rows = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in rows]
+    if not rows:
+        raise ValueError("no attack rows to measure")
+    concepts = {r["concept"] for r in rows}
+    if len(concepts) != 1:
+        raise ValueError(f"attack rows must be of one concept but are of {sorted(concepts)}")
+    concept = rows[0]["concept"]
+    kind = concept_kind(w, concept)
+    ids = [r["ids"] for r in rows for _ in range(seeds_per_prompt)]
+    seeds = [first_seed + s for _ in rows for s in range(seeds_per_prompt)]
+    _log.info(f"[attack] {len(ids)} images of {len(rows)} attack prompts, erased and original encoder")
+    hits = {}
+    for name, encoder in (("erased", erased_encoder), ("original", None)):
+        labels = world.judge.classify(w.generate(world, encoder, ids, seeds))[kind]
+        hits[name] = np.asarray([label == concept for label in labels]).reshape(len(rows), seeds_per_prompt)
+    n = hits["erased"].size
+    per_prompt = [dict(text=r["text"], ids=r["ids"], template=r["template"], asr=float(e.mean()),
+                       control=float(o.mean()), cos_to_original=r["cos_to_original"])
+                  for r, e, o in zip(rows, hits["erased"], hits["original"])]
+    return dict(attack=rows[0]["attack"], k=rows[0]["settings"].get("k"), concept=concept, prompts=len(rows),
+                images=n, seeds_per_prompt=seeds_per_prompt, first_seed=first_seed,
+                ASR=float(hits["erased"].mean()), ASR_interval95=wilson_interval(int(hits["erased"].sum()), n),
+                control=float(hits["original"].mean()),
+                control_interval95=wilson_interval(int(hits["original"].sum()), n),
+                seconds_per_prompt=float(np.mean([r["seconds"] for r in rows])), per_prompt=per_prompt)
