@@ -1,6 +1,7 @@
 """The demo world's erase config, as `hirm-jax demo` uses it (the data lives in hirm_jax.world.demo).
 
 arg: "hirm_s" (default; misdirect toward the world's neutral anchor "blob" / "plain") or "hirm_r".
+Or "hirm_s_adv": robust HiRM-S (objective.adversarial on).
 The demo fills in the encoder path, the concept, its kind, its prompt templates and the retain
 prompts of the preservation term; see hirm_jax/demo.py.
 """
@@ -8,7 +9,7 @@ prompts of the preservation term; see hirm_jax/demo.py.
 from hirm_jax.config_lib import check_config_arg
 from hirm_jax.world.demo import demo_config
 
-ARGS = ("hirm_s", "hirm_r")
+ARGS = ("hirm_s", "hirm_r", "hirm_s_adv")
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@
     hirm-jax attack --erased=DIR --concept=NAME --out=OUT [--attack=gcg|continuous|probe]
                                                    prompts that bring an erased concept back
     hirm-jax compare --joint=DIR --independent=DIR --out=OUT   joint erasure vs averaged deltas
-    hirm-jax demo [--concept NAME] [--method hirm_s|hirm_r] [--workdir DIR]
+    hirm-jax demo [--concept NAME] [--method hirm_s|hirm_r|hirm_s_adv] [--workdir DIR]
     hirm-jax world train --out DIR                 rebuild the demo world (seeded)
     hirm-jax generate --pipeline=DIR [--delta=D ...] --prompts=FILE --out=DIR
         (several processes: accelerate launch --num_processes=8 -m hirm_jax.cli generate ...)
@@ -324,10 +324,11 @@ def eval_main(argv: Sequence[str]) -> int:
 
 
 def demo_main(argv: Sequence[str]) -> int:
-    from hirm_jax.world.demo import DEFAULT_CONCEPT, run_demo
+    from hirm_jax.world.demo import DEFAULT_CONCEPT, METHODS, ROBUST, run_demo
     parser = argparse.ArgumentParser(prog="hirm-jax demo", description="Erase a concept in the shipped demo world and measure it.")
     parser.add_argument("--concept", default=DEFAULT_CONCEPT)
-    parser.add_argument("--method", default="hirm_s", choices=("hirm_s", "hirm_r"))
+    parser.add_argument("--method", default="hirm_s", choices=METHODS,
+                        help=f"{ROBUST}: robust HiRM-S, attacked with GCG beside plain HiRM-S")
     parser.add_argument("--workdir", default="workdirs/demo")
     parser.add_argument("--seeds-per-cell", type=int, default=5)
     parser.add_argument("--world", help="a world folder (default: the shipped one)")

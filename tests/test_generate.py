@@ -196,3 +196,23 @@ def test_seeds_do_not_depend_on_batch_size(sd):
     many = [np.asarray(im, np.float32) for _, im in gen.run_jobs(pipe, jobs, settings, batch_size=4)]
     # Same noise per image; batched convolutions may differ in the last bit on some CPUs.
     assert max(np.abs(a - b).max() for a, b in zip(one, many)) <= 1.0
+
+
+def test_attack_files_generate_from_their_token_ids(sd, tmp_path):
+    # attacks.jsonl rows carry the prompt's text AND ids; the ids are what the attack found (a
+    # decoded prompt can re-tokenize differently), so generation must take them.
+    pipe = gen.load_pipeline(sd.pipeline, sd.deltas, dtype="float32", device="cpu")
+    ids = lambda text: pipe.tokenizer(text, padding="max_length", max_length=77)["input_ids"]
+    rows = [dict(text="a photo of a cat", ids=ids("a photo of a cat"), seed=3),   # ids == its text
+            dict(text="a photo of a cat", ids=ids("a dog by the sea"), seed=3)]   # ids != its text
+    (tmp_path / "attacks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_ids = gen.read_prompts(tmp_path / "attacks.jsonl")
+    texts = [gen.PromptRow("t0", "a photo of a cat", (3,)), gen.PromptRow("t1", "a dog by the sea", (3,))]
+    image = lambda rows: [np.asarray(im, np.float32) for _, im in gen.run_jobs(pipe, gen.plan_jobs(rows, SETTINGS),
+                                                                                SETTINGS, batch_size=2)]
+    by_ids, by_text = image(from_ids), image(texts)
+    assert np.abs(by_ids[0] - by_text[0]).max() <= 1.0 and np.abs(by_ids[1] - by_text[1]).max() <= 1.0
+    assert np.abs(by_ids[1] - by_text[0]).max() > 10  # the ids, not the text, made the second image
+    bad = [gen.PromptRow("x", "a cat", (3,), meta={"ids": [1, 2, 3]})]
+    with pytest.raises(gen.GenerationError, match="row 'x': ids must be 77 token ids"):
+        image(bad)

@@ -125,3 +125,19 @@ def test_robust_erasure_resists_a_token_attack_it_did_not_train_against(encoder_
         own = np.mean([r.cos_erased for r in results])
         assert cos[name] > own  # the attack brings the erased concept part of the way back
     assert cos["robust"] < cos["plain"] - 0.02, cos
+
+
+@pytest.mark.slow
+def test_world_benchmark_measures_attack_success_and_robust_hirm_lowers_it(tmp_path):
+    # `hirm-jax eval --suite=demo-world --attacks`: the GCG attack (4 tokens) brings hearts back
+    # through plain HiRM-S far more often than through robust HiRM-S, which trained against
+    # another attack (continuous); measured on images, with the original encoder as control.
+    from hirm_jax.world.benchmark import markdown, run_benchmark
+    report = run_benchmark(tmp_path / "bench", ["hirm_s", "hirm_s_adv"], ["heart"], seeds_per_cell=1,
+                           attacks=["gcg_k4"])
+    plain, robust = (report["methods"][m]["attacks"]["gcg_k4"] for m in ("hirm_s", "hirm_s_adv"))
+    assert plain["images"] == robust["images"] == 30
+    assert plain["control"] >= 0.8  # the prompts found against plain HiRM-S make hearts without erasure
+    assert robust["ASR"] < plain["ASR"] - 0.3, (plain["ASR"], robust["ASR"])
+    assert report["methods"]["hirm_s_adv"]["object"]["UA"] >= 0.9
+    assert "gcg_k4 ASR" in markdown(report) and (tmp_path / "bench" / "results.json").is_file()

@@ -353,18 +353,41 @@ def load_pipeline(pipeline_dir: str | os.PathLike, deltas: Sequence[str | os.Pat
 
 
 def run_jobs(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int = 1) -> Iterable[tuple[Job, "PIL.Image.Image"]]:
-    """Yield (job, image). Jobs are batched only with jobs of the same guidance; each has its own generator."""
+    """Yield (job, image). Jobs are batched only with jobs of the same guidance (and the same
+    prompt kind: text or token ids); each has its own generator."""
     import torch
     pending = list(jobs)
+    kind = lambda j: (j.guidance(settings), "ids" in j.row.meta)
     while pending:
-        guidance = pending[0].guidance(settings)
-        batch = [j for j in pending if j.guidance(settings) == guidance][:batch_size]
+        first = kind(pending[0])
+        batch = [j for j in pending if kind(j) == first][:batch_size]
         taken = {id(j) for j in batch}
         pending = [j for j in pending if id(j) not in taken]
-        images = pipe(prompt=[j.row.prompt for j in batch], num_inference_steps=settings.steps,
-                      guidance_scale=guidance, height=settings.height, width=settings.width,
+        images = pipe(**prompt_arguments(pipe, batch), num_inference_steps=settings.steps, guidance_scale=first[0],
+                      height=settings.height, width=settings.width,
                       generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch], output_type="pil").images
         yield from zip(batch, images)
+
+
+def prompt_arguments(pipe, batch: Sequence[Job]) -> dict:
+    """`prompt=` texts, or for rows that carry token `ids` (`hirm-jax attack`'s attacks.jsonl: a
+    decoded attack prompt can re-tokenize differently) `prompt_embeds=` from those exact ids
+    through the pipeline's (erased) text encoder, as the pipeline would compute them."""
+    import torch
+    if "ids" not in batch[0].row.meta:
+        return dict(prompt=[j.row.prompt for j in batch])
+    if type(pipe).__name__ != "StableDiffusionPipeline":
+        raise GenerationError(f"prompts given as token ids (row {batch[0].row.id!r}) need an SD 1.x/2.x pipeline (one "
+                              f"CLIP text encoder) but the pipeline is {type(pipe).__name__}")
+    length, vocab = pipe.tokenizer.model_max_length, pipe.text_encoder.config.vocab_size
+    for job in batch:
+        ids = job.row.meta["ids"]
+        if not (isinstance(ids, list) and len(ids) == length and all(isinstance(t, int) and 0 <= t < vocab for t in ids)):
+            raise GenerationError(f"row {job.row.id!r}: ids must be {length} token ids in [0, {vocab}) but are {ids!r:.80}")
+    ids = torch.tensor([j.row.meta["ids"] for j in batch], device=pipe.text_encoder.device)
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0].to(pipe.text_encoder.dtype)
+    return dict(prompt_embeds=embeds)
 
 
 def manifest_record(job: Job, settings: Settings, fingerprints: dict) -> dict:

@@ -1,8 +1,7 @@
 """Image-level attack success on the demo world: do the adversarial prompts bring the concept back?
 
-    rows = attack_rows(world, erased, original, "heart", settings)        # hirm_jax.attack.search
-    figures = attack_success(world, erased_folder, rows, seeds_per_prompt=5)
-    figures["ASR"], figures["control"]
+    figures = measure_attacks(world, erased_folder, "heart", ["gcg_k1", "gcg_k4", "continuous", "probe"])
+    figures["gcg_k4"]["ASR"], figures["gcg_k4"]["control"]
 
 Each adversarial prompt (its token ids, as `hirm-jax attack` writes them) is drawn with
 `seeds_per_prompt` seeds through the ERASED encoder and, as the control, through the ORIGINAL
@@ -24,6 +23,14 @@ from hirm_jax import log
 _log = log.get(__name__)
 
 FIRST_ATTACK_SEED = 30_000  # images of attack prompts: seeds apart from the demo's and the world's
+# The world's attacks (hirm_jax.attack.search): GCG with 1 and 4 tokens in place of the concept
+# and the continuous attack (4 soft tokens; its images come from the nearest tokens, its
+# text-space success is the soft prompt's), 20 steps, 1 restart, 32 candidates; `probe`: the
+# concept's name varied (plural, upper case, a letter dropped, a letter doubled).
+ATTACKS = {"gcg_k1": dict(kind="gcg", k=1), "gcg_k4": dict(kind="gcg", k=4),
+           "continuous": dict(kind="continuous", k=4, steps=100), "probe": None}
+BUDGET = dict(steps=20, restarts=1, candidates=32)
+PROMPTS_PER_TEMPLATE = 2  # other-kind classes per held-out template: 6 attack prompts per concept
 
 
 def attack_templates(concept: str, kind: str, per_template: int = 0) -> list[str]:
@@ -78,3 +85,36 @@ def attack_success(world, erased_encoder, rows, seeds_per_prompt: int = 5, first
                 control=float(hits["original"].mean()),
                 control_interval95=wilson_interval(int(hits["original"].sum()), n),
                 seconds_per_prompt=float(np.mean([r["seconds"] for r in rows])), per_prompt=per_prompt)
+
+
+def probe_names(concept: str) -> list[str]:
+    return [concept + "s", concept.upper(), concept[:-1], concept + concept[-1]]
+
+
+def measure_attacks(world, erased_folder, concept: str, attacks, seed: int = 0, seeds_per_prompt: int = 5) -> dict:
+    """{attack name: figures} of ATTACKS' `attacks` against the erased encoder folder (the world's
+    own is the original), each measured on images with the original encoder as the control."""
+    from hirm_jax import world as w
+    from hirm_jax.attack.search import AttackSettings, score_probes
+    from hirm_jax.encoder.layouts import load_text_encoder
+    from hirm_jax.erase.prompts import load_tokenizer
+    from hirm_jax.world.demo import concept_kind
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"attacks {unknown} are not world attacks; choose among {list(ATTACKS)}")
+    kind = concept_kind(w, concept)
+    original, erased = load_text_encoder(world.text_encoder_path), load_text_encoder(erased_folder)
+    tokenizer = load_tokenizer(world.path / "tokenizer", None, None)
+    out = {}
+    for name in attacks:
+        if ATTACKS[name] is None:
+            rows = [r for t in attack_templates(concept, kind, PROMPTS_PER_TEMPLATE)
+                    for r in score_probes(erased, original, tokenizer, concept, t, [t.format(n) for n in probe_names(concept)])]
+        else:
+            settings = AttackSettings(**{**BUDGET, **ATTACKS[name]}, seed=seed)
+            rows = attack_rows(erased, original, tokenizer, concept, kind, settings, PROMPTS_PER_TEMPLATE)
+        figures = attack_success(world, str(erased_folder), rows, seeds_per_prompt, FIRST_ATTACK_SEED + 1000 * seed)
+        figures.update(text_success=float(np.mean([r.success for r in rows])),
+                       mean_cos=float(np.mean([r.cos_to_original for r in rows])))
+        out[name] = figures
+    return out

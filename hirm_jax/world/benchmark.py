@@ -2,12 +2,16 @@
 
 Erases each object and each style in turn with each method, generates the benchmark grid
 (every object x style, held-out templates and seeds) with the erased encoder, judges it and
-reports mean UA / IRA / CRA per kind (JSON + Markdown):
+reports mean UA / IRA / CRA per kind (JSON + Markdown), and with `--attacks` the image-level
+success of prompt attacks on each erased encoder (hirm_jax.world.attack_success: ASR, with the
+original encoder as the control) and the erase seconds per concept:
 
     hirm_r          HiRM, random target (c = 500)
     hirm_s          HiRM, super-category target (the world's neutral anchor)
     early_block     "no decoupling": supervise block 0's own output (block_out:0), where it updates
     full_finetune   the same loss, every parameter of the encoder trained
+    hirm_s_adv      robust HiRM-S (objective.adversarial: continuous inner attack), block 0 only
+    full_finetune_adv  the same min-max loop with the whole encoder trained (AdvUnlearn-like)
     joint           several concepts erased into one encoder (first 3 objects, first 3 styles)
     averaged        the same groups by averaging the single-concept HiRM-S deltas (the paper's way)
 
@@ -34,7 +38,8 @@ from hirm_jax.errors import UsageError
 from hirm_jax.fileio import atomic_file, check_output_location, write_json
 
 _log = log.get(__name__)
-METHODS = ("hirm_r", "hirm_s", "early_block", "full_finetune", "joint", "averaged")
+METHODS = ("hirm_r", "hirm_s", "early_block", "full_finetune", "joint", "averaged", "hirm_s_adv", "full_finetune_adv")
+PAPER_METHODS = METHODS[:6]  # the full protocol without the robust methods
 FULL_SEEDS_PER_CELL = 5
 
 
@@ -46,8 +51,9 @@ def _configure(config, method: str, preservation_weight=None):
             config.objective.name = "hirm_r"
         if method == "early_block":
             config.objective.hooks = ("block_out:0",)
-        if method == "full_finetune":
+        if method.startswith("full_finetune"):
             config.train.trainable_regex = ".*"
+        config.objective.adversarial.enabled = method.endswith("_adv")
     return config
 
 
@@ -94,11 +100,16 @@ class _Bench:
     out_dir: Path
     preservation_weight: object
     single: dict  # concept -> its HiRM-S run, in memory (for `averaged`)
+    attacks: tuple = ()  # hirm_jax.world.attack_success.ATTACKS names
+    attack_seeds: int = 1
+    measured: dict = dataclasses.field(default_factory=dict)  # method -> {"attacks": {...}, "erase_seconds": [...]}
 
 
-def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concepts: Sequence[str] = (),
-                  seeds_per_cell: int = 2, world_path=None, preservation_weight=None) -> dict:
-    """`preservation_weight` overrides the demo's (10); 0 gives the methods as the paper has them."""
+def run_benchmark(out_dir: str | Path, methods: Sequence[str] = PAPER_METHODS, concepts: Sequence[str] = (),
+                  seeds_per_cell: int = 2, world_path=None, preservation_weight=None, attacks: Sequence[str] = (),
+                  attack_seeds: int = 1) -> dict:
+    """`preservation_weight` overrides the demo's (10); 0 gives the methods as the paper has them.
+    `attacks` (attack_success.ATTACKS names) are run `attack_seeds` times on every single-concept erasure."""
     from hirm_jax import provenance
     from hirm_jax import world as w
     from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
@@ -106,9 +117,10 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
     out_dir = Path(out_dir)
     check_output_location(out_dir, {"--world": world_path or w.SHIPPED})
     concepts = list(concepts) or list(w.OBJECTS + w.STYLES)
-    _check_arguments(concepts, methods, seeds_per_cell)
+    _check_arguments(concepts, methods, seeds_per_cell, attacks)
     world = w.load_world(world_path)  # every file checked before anything is written
-    bench = _Bench(world, benchmark_grid(seeds_per_cell), concepts, out_dir, preservation_weight, {})
+    bench = _Bench(world, benchmark_grid(seeds_per_cell), concepts, out_dir, preservation_weight, {}, tuple(attacks),
+                   attack_seeds)
     t0 = time.perf_counter()
     original = w.generate(world, None, [r["prompt"] for r in bench.grid], [r["seed"] for r in bench.grid])
     before = {c: figures(judged_rows(world, original, bench.grid, [c])) for c in concepts}
@@ -120,11 +132,12 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
         _log.info(f"[demo-world] method {method}")
         rows = _method_rows(bench, method)
         if method in methods:
-            results[method] = _per_kind(ua_ira_cra(rows), concepts)
+            results[method] = {**_per_kind(ua_ira_cra(rows), concepts), **_attack_table(bench.measured.get(method, {}))}
     results = {m: results[m] for m in methods}
-    partial = seeds_per_cell < FULL_SEEDS_PER_CELL or set(concepts) != set(w.OBJECTS + w.STYLES) or list(methods) != list(METHODS)
-    report = dict(suite="demo-world", version="1.0", partial=partial, seeds_per_cell=seeds_per_cell, concepts=concepts,
-                  preservation_weight=preservation_weight,
+    partial = (seeds_per_cell < FULL_SEEDS_PER_CELL or set(concepts) != set(w.OBJECTS + w.STYLES)
+               or not set(PAPER_METHODS) <= set(methods))
+    report = dict(suite="demo-world", version="1.1", partial=partial, seeds_per_cell=seeds_per_cell, concepts=concepts,
+                  preservation_weight=preservation_weight, attacks=list(attacks), attack_seeds=attack_seeds,
                   methods=results, before={k: _mean_kind(before, k) for k in ("object", "style")},
                   seconds=time.perf_counter() - t0, world_sha256=world.config.get("sha256"), provenance=provenance.provenance())
     write_json(out_dir / "results.json", report)
@@ -135,17 +148,26 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = METHODS, concept
 
 
 def _method_rows(bench: _Bench, method: str) -> list[dict]:
-    """Judged rows of one method: each concept alone, or (joint, averaged) groups of up to 3 of a kind."""
+    """Judged rows of one method: each concept alone (attacked with bench.attacks), or (joint,
+    averaged) groups of up to 3 of a kind."""
     from hirm_jax import world as w
+    from hirm_jax.world.attack_success import measure_attacks
     rows = []
     if method not in ("joint", "averaged"):
         for c in bench.concepts:
             folder = bench.out_dir / method / c
             folder.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
             encoder, run = _erase(bench.world, [c], method, folder, bench.preservation_weight)
+            measured = bench.measured.setdefault(method, {"attacks": {}, "erase_seconds": []})
+            measured["erase_seconds"].append(time.perf_counter() - t)
             if method == "hirm_s":
                 bench.single[c] = run
             rows += _judge(bench.world, encoder, bench.grid, [c])
+            for seed in range(bench.attack_seeds if bench.attacks else 0):
+                _log.info(f"[demo-world] attacks {list(bench.attacks)} on {method} {c!r}, seed {seed}")
+                for name, figures in measure_attacks(bench.world, encoder, c, bench.attacks, seed).items():
+                    measured["attacks"].setdefault(name, []).append(figures)
         return rows
     kinds = ([c for c in bench.concepts if c in w.OBJECTS][:3], [c for c in bench.concepts if c in w.STYLES][:3])
     for group in [g for g in kinds if len(g) > 1]:
@@ -159,8 +181,32 @@ def _method_rows(bench: _Bench, method: str) -> list[dict]:
     return rows
 
 
-def _check_arguments(concepts: Sequence[str], methods: Sequence[str], seeds_per_cell: int) -> None:
-    """Concepts are the world's objects and styles, methods are METHODS, seeds_per_cell >= 1."""
+def _attack_table(measured: dict) -> dict:
+    """Per attack: ASR and control pooled over the concepts' images (Wilson 95% intervals), the
+    text-space success, per concept; and the erase seconds per concept."""
+    from hirm_jax.evaluation.metrics import wilson_interval
+    if not measured:
+        return {}
+    table = {}
+    for name, runs in measured["attacks"].items():
+        hits = {k: sum(round(f[k] * f["images"]) for f in runs) for k in ("ASR", "control")}
+        n = sum(f["images"] for f in runs)
+        table[name] = dict(ASR=hits["ASR"] / n, ASR_interval95=wilson_interval(hits["ASR"], n),
+                           control=hits["control"] / n, control_interval95=wilson_interval(hits["control"], n),
+                           images=n, text_success=float(np.mean([f["text_success"] for f in runs])),
+                           mean_cos=float(np.mean([f["mean_cos"] for f in runs])),
+                           per_concept={f"{f['concept']}#{i}": f["ASR"] for i, f in enumerate(runs)})
+    seconds = measured["erase_seconds"]
+    return dict(attacks=table, erase_seconds_per_concept=float(np.mean(seconds)) if seconds else None)
+
+
+def _check_arguments(concepts: Sequence[str], methods: Sequence[str], seeds_per_cell: int, attacks=()) -> None:
+    """Concepts are the world's objects and styles, methods are METHODS, seeds_per_cell >= 1,
+    attacks are the world's."""
+    from hirm_jax.world.attack_success import ATTACKS
+    unknown_attacks = [a for a in attacks if a not in ATTACKS]
+    if unknown_attacks:
+        raise UsageError(f"--attacks {unknown_attacks} are not world attacks; choose among {list(ATTACKS)}")
     from hirm_jax import world as w
     unknown = [c for c in concepts if c not in w.OBJECTS + w.STYLES]
     if unknown:
@@ -200,6 +246,19 @@ def markdown(report: dict) -> str:
     rows = [("before erasure", report["before"])] + list(report["methods"].items())
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(pct(r[k][m]) for k in ("object", "style") for m in ("UA", "IRA", "CRA")) + " |")
+    attacks = report.get("attacks") or []
+    if attacks:
+        lines += ["", f"Attack success on images, % (95% interval), control = the same prompts through the original "
+                      f"encoder; {report.get('attack_seeds', 1)} attack seed(s) per concept", "",
+                  "| method | " + " | ".join(f"{a} ASR | {a} control" for a in attacks) + " | erase s per concept |",
+                  "|---|" + "---|---|" * len(attacks) + "---|"]
+        for name, r in report["methods"].items():
+            if "attacks" not in r:
+                continue
+            cells = [(f"{pct(a['ASR'])} ({pct(a['ASR_interval95'][0])}-{pct(a['ASR_interval95'][1])})", pct(a["control"]))
+                     for a in (r["attacks"][x] for x in attacks)]
+            lines.append(f"| {name} | " + " | ".join(f"{c[0]} | {c[1]}" for c in cells)
+                         + f" | {r['erase_seconds_per_concept']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,11 +266,14 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="hirm-jax eval --suite=demo-world", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="demo-world")
     parser.add_argument("--out", default="workdirs/demo-world")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(PAPER_METHODS), choices=METHODS)
     parser.add_argument("--concepts", nargs="*", default=[])
     parser.add_argument("--seeds-per-cell", type=int, default=FULL_SEEDS_PER_CELL)
     parser.add_argument("--world")
     parser.add_argument("--preservation-weight", type=float, help="override the demo's 10 (0: the paper's methods)")
+    parser.add_argument("--attacks", nargs="*", default=[], help="world prompt attacks: gcg_k1 gcg_k4 continuous probe")
+    parser.add_argument("--attack-seeds", type=int, default=1)
     args = parser.parse_args(argv)
-    run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, args.world, args.preservation_weight)
+    run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, args.world, args.preservation_weight,
+                  args.attacks, args.attack_seeds)
     return 0

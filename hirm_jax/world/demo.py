@@ -27,6 +27,8 @@ from hirm_jax.fileio import atomic_file, write_json
 _log = log.get(__name__)
 
 DEFAULT_CONCEPT = "heart"
+ROBUST = "hirm_s_adv"  # robust HiRM-S: objective.adversarial on (hirm_jax.erase.adversarial)
+METHODS = ("hirm_s", "hirm_r", ROBUST)
 FIRST_EVAL_SEED = 20_000  # the world trains on seeds < 10_000 and reports its quality from 10_000
 
 
@@ -38,7 +40,8 @@ def demo_config(method: str = "hirm_s"):
     retain term every caption moves with the erased one (measured in the README's table)."""
     c = base_config()
     c.encoder.component = ""
-    c.objective.name = method or "hirm_s"
+    c.objective.name = "hirm_s" if method in (None, "", ROBUST) else method
+    c.objective.adversarial.enabled = method == ROBUST
     c.train.learning_rate = 1e-4
     c.train.epochs = 100
     c.train.log_every = 25
@@ -129,13 +132,14 @@ def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: st
     from hirm_jax import world as w
     timings, t0 = {}, time.perf_counter()
     kind = concept_kind(w, concept)
-    if method not in ("hirm_s", "hirm_r"):
-        raise ConfigError(f"method must be hirm_s or hirm_r but is {method!r}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {list(METHODS)} but is {method!r}")
     workdir = Path(workdir)
     _log.info(f"[demo] loading the demo world ({world_path or 'shipped'})")
     world = w.load_world(world_path)
     timings["load_world_s"] = time.perf_counter() - t0
     erase_dir, erased_folder = _erase_and_export(world, concept, method, workdir, timings)
+    attacks = _attacks(world, concept, workdir, erased_folder, timings) if method == ROBUST else None
 
     grid = benchmark_grid(seeds_per_cell)
     prompts, seeds = [r["prompt"] for r in grid], [r["seed"] for r in grid]
@@ -159,8 +163,12 @@ def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: st
         templates=list(w.HELDOUT_TEMPLATES), world=str(world.path), world_sha256=world.config.get("sha256"),
         erase_workdir=str(erase_dir), erased_text_encoder=str(erased_folder), timings=timings,
         definitions=DEFINITIONS, provenance=provenance.provenance())
+    if attacks is not None:
+        report.update(ASR={name: a["ASR"] for name, a in attacks[ROBUST].items()},
+                      attacks={m: {name: {k: v for k, v in a.items() if k != "images"} for name, a in by.items()}
+                               for m, by in attacks.items()})
     write_json(workdir / "demo_report.json", report)
-    _write_grid(workdir / "demo_grid.png", original, erased, grid, concept, kind)
+    _write_grid(workdir / "demo_grid.png", (original, erased, grid), concept, kind, attacks)
     print(format_table(report))
     _log.info(f"[demo] wrote {workdir / 'demo_report.json'} and {workdir / 'demo_grid.png'} in {timings['total_s']:.0f}s")
     return report
@@ -168,10 +176,33 @@ def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: st
 
 DEFINITIONS = dict(UA="share of images prompted with the concept that the judge no longer labels as it",
                    IRA="judge accuracy, on the erased concept's kind, over images prompted without it",
-                   CRA="judge accuracy on the other kind over images prompted without the concept")
+                   CRA="judge accuracy on the other kind over images prompted without the concept",
+                   ASR="share of images from the token attack's prompts (searched against the erased encoder, "
+                       "held-out templates) that the judge labels as the erased concept; 'control': the same "
+                       "prompts through the original encoder")
+DEMO_ATTACKS = ("gcg_k1", "gcg_k4")  # hirm_jax.world.attack_success.ATTACKS
 
 
-def _erase_and_export(world, concept: str, method: str, workdir: Path, timings: dict) -> tuple[Path, Path]:
+def _attacks(world, concept: str, workdir: Path, robust_folder: Path, timings: dict) -> dict:
+    """Robust mode: erase with plain HiRM-S too, then run the token attacks against both encoders
+    and measure them on images -> {method: {attack: figures (with the images of its prompts)}}."""
+    from hirm_jax import world as w
+    from hirm_jax.world.attack_success import FIRST_ATTACK_SEED, measure_attacks
+    _, plain_folder = _erase_and_export(world, concept, "hirm_s", workdir, timings, key="erase_plain_s")
+    t = time.perf_counter()
+    out = {}
+    for method, folder in (("hirm_s", plain_folder), (ROBUST, robust_folder)):
+        _log.info(f"[demo] token attacks {list(DEMO_ATTACKS)} against the {method} encoder")
+        out[method] = measure_attacks(world, folder, concept, DEMO_ATTACKS)
+        for figures in out[method].values():  # the grid shows each prompt's first measured image
+            ids = [row["ids"] for row in figures["per_prompt"]]
+            figures["images"] = w.generate(world, str(folder), ids, [FIRST_ATTACK_SEED] * len(ids))
+    timings["attack_s"] = time.perf_counter() - t
+    return out
+
+
+def _erase_and_export(world, concept: str, method: str, workdir: Path, timings: dict,
+                      key: str = "erase_s") -> tuple[Path, Path]:
     """Erase in JAX, then export the erased encoder (from memory) as a transformers folder."""
     from hirm_jax import world as w
     from hirm_jax.artifacts.export import export_full
@@ -182,9 +213,10 @@ def _erase_and_export(world, concept: str, method: str, workdir: Path, timings: 
     erase_dir = workdir / f"erase_{concept}_{method}"
     shutil.rmtree(erase_dir, ignore_errors=True)  # the demo always erases afresh
     result = train_and_evaluate(config, erase_dir, keep_trained=True)
-    timings["erase_s"] = time.perf_counter() - t
+    timings[key] = time.perf_counter() - t
     t = time.perf_counter()
-    erased_folder = export_full(result.erased_run(), workdir / "erased_text_encoder", overwrite=True)
+    name = "erased_text_encoder" if key == "erase_s" else f"erased_text_encoder_{method}"
+    erased_folder = export_full(result.erased_run(), workdir / name, overwrite=True)
     timings["export_s"] = time.perf_counter() - t
     return erase_dir, erased_folder
 
@@ -197,34 +229,43 @@ def format_table(report: dict) -> str:
              "| metric | before | after |", "|---|---|---|"]
     for m in ("UA", "IRA", "CRA", "object_accuracy", "style_accuracy"):
         lines.append(f"| {m} | {pct(b[m])} | {pct(a[m])} |")
+    for method, by_attack in report.get("attacks", {}).items():
+        for name, f in by_attack.items():
+            lines.append(f"| ASR {name} vs {method} (control: original encoder) | {pct(f['control'])} | {pct(f['ASR'])} |")
     return "\n".join(lines)
 
 
-def _write_grid(path: Path, original, erased, grid, concept: str, kind: str) -> None:
+def _write_grid(path: Path, images: tuple, concept: str, kind: str, attacks: Optional[dict] = None) -> None:
     """Two rows for the concept (original, erased) and two for a neighbour, one column per class
-    of the other kind; same prompts and seeds in each pair of rows."""
+    of the other kind; same prompts and seeds in each pair of rows. With `attacks`, one row per
+    attacked encoder and attack: the images of its adversarial prompts (one per column)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from hirm_jax import world as w
+    original, erased, grid = images
     own, other = (w.OBJECTS, w.STYLES) if kind == "object" else (w.STYLES, w.OBJECTS)
     neighbour = next(c for c in own if c != concept)
     first = lambda c, x: next(i for i, r in enumerate(grid) if r[kind] == c and r["style" if kind == "object" else "object"] == x)
-    rows = [(f"{concept}\noriginal", original, concept), (f"{concept}\nerased", erased, concept),
-            (f"{neighbour}\noriginal", original, neighbour), (f"{neighbour}\nerased", erased, neighbour)]
+    rows = [(f"{label}\n{name}", [images[first(c, x)] for x in other])
+            for label, c in ((concept, concept), (neighbour, neighbour))
+            for name, images in (("original", original), ("erased", erased))]
+    for method, by_attack in (attacks or {}).items():
+        rows += [(f"{name}\nvs {method}", list(a["images"][:len(other)])) for name, a in by_attack.items()]
     fig, axes = plt.subplots(len(rows), len(other), figsize=(1.3 * len(other), 1.45 * len(rows)), dpi=110)
-    for r, (label, images, c) in enumerate(rows):
-        for col, x in enumerate(other):
+    for r, (label, row_images) in enumerate(rows):
+        for col in range(len(other)):
             ax = axes[r, col]
-            ax.imshow(images[first(c, x)], interpolation="nearest")
+            ax.axis("off") if col >= len(row_images) else ax.imshow(row_images[col], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(x, fontsize=8)
+                ax.set_title(other[col], fontsize=8)
             if col == 0:
                 ax.set_ylabel(label, fontsize=8)
-    fig.suptitle(f"HiRM: {kind} '{concept}' erased (same prompts and seeds per column)", fontsize=9)
+    title = f"HiRM: {kind} '{concept}' erased (same prompts and seeds per column"
+    fig.suptitle(title + ("; attack rows: one adversarial prompt per column)" if attacks else ")"), fontsize=9)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png")
