@@ -290,11 +290,11 @@ def search(erased, original, tokenizer, items: Sequence[Item], settings: AttackS
         start.append(rng.choice(allowed, (settings.restarts, settings.k)))
     start = jnp.asarray(np.stack(start), jnp.int32)  # [P, R, k]
     if settings.kind == "gcg":
-        tokens, losses, start_losses, soft = _gcg(fns, erased.params, prompts, start, settings)
+        found = _gcg(fns, erased.params, prompts, start, settings)
     else:
-        tokens, losses, start_losses, soft = _continuous(fns, erased.params, prompts, start)
-    return _results(fns, erased, original, tokenizer, items, skeletons, prompts, targets, concept_ids, tokens, losses,
-                    start_losses, soft, settings, (time.perf_counter() - t0) / len(items))
+        found = _continuous(fns, erased.params, prompts, start)
+    problem = _Searched(fns, erased, original, tokenizer, items, prompts, targets, concept_ids, settings)
+    return _results(problem, *found, (time.perf_counter() - t0) / len(items))
 def _gcg(fns, params, prompts, start, settings: AttackSettings):
     """-> (tokens [P, R, k], losses [P, R], start losses [P, R], None)."""
     losses = start_losses = fns["tokens_loss"](params, prompts, start)
@@ -318,9 +318,24 @@ def _continuous(fns, params, prompts, start):
     return nearest, losses, start_losses, embeds
 
 
-def _results(fns, erased, original, tokenizer, items, skeletons, prompts, targets, concept_ids, tokens, losses,
-             start_losses, soft, settings: AttackSettings, seconds: float) -> list[AttackResult]:
+@dataclasses.dataclass(frozen=True)
+class _Searched:
+    """What a search ran on: its functions, encoders, items and their prompt arrays."""
+    fns: dict
+    erased: object
+    original: object
+    tokenizer: object
+    items: Sequence[Item]
+    prompts: dict
+    targets: jax.Array  # [P, T, D] the original's representation of each concept prompt
+    concept_ids: np.ndarray  # [P, T]
+    settings: AttackSettings
+
+
+def _results(searched: _Searched, tokens, losses, start_losses, soft, seconds: float) -> list[AttackResult]:
     """The best restart of each item, measured: cosines to the original through both encoders."""
+    fns, erased, original, tokenizer, items, prompts, targets, concept_ids, settings = (
+        getattr(searched, f.name) for f in dataclasses.fields(searched))
     best = np.asarray(jnp.argmin(losses, 1))
     rows = np.arange(len(items))
     ids = np.asarray(jax.vmap(ids_with)(prompts, tokens[rows, best]))  # [P, T]

@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 
 from hirm_jax import log
+from hirm_jax.world.data import concept_kind
 
 _log = log.get(__name__)
 
@@ -59,7 +60,6 @@ def attack_success(world, erased_encoder, rows, seeds_per_prompt: int = 5, first
     """ASR and control (above) of attack rows (AttackResult or their JSON dicts) for one concept."""
     from hirm_jax import world as w
     from hirm_jax.evaluation.metrics import wilson_interval
-    from hirm_jax.world.demo import concept_kind
     rows = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in rows]
     if not rows:
         raise ValueError("no attack rows to measure")
@@ -67,7 +67,7 @@ def attack_success(world, erased_encoder, rows, seeds_per_prompt: int = 5, first
     if len(concepts) != 1:
         raise ValueError(f"attack rows must be of one concept but are of {sorted(concepts)}")
     concept = rows[0]["concept"]
-    kind = concept_kind(w, concept)
+    kind = concept_kind(concept)
     ids = [r["ids"] for r in rows for _ in range(seeds_per_prompt)]
     seeds = [first_seed + s for _ in rows for s in range(seeds_per_prompt)]
     _log.info(f"[attack] {len(ids)} images of {len(rows)} attack prompts, erased and original encoder")
@@ -94,15 +94,13 @@ def probe_names(concept: str) -> list[str]:
 def measure_attacks(world, erased_folder, concept: str, attacks, seed: int = 0, seeds_per_prompt: int = 5) -> dict:
     """{attack name: figures} of ATTACKS' `attacks` against the erased encoder folder (the world's
     own is the original), each measured on images with the original encoder as the control."""
-    from hirm_jax import world as w
     from hirm_jax.attack.search import AttackSettings, score_probes
     from hirm_jax.encoder.layouts import load_text_encoder
     from hirm_jax.erase.prompts import load_tokenizer
-    from hirm_jax.world.demo import concept_kind
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ValueError(f"attacks {unknown} are not world attacks; choose among {list(ATTACKS)}")
-    kind = concept_kind(w, concept)
+    kind = concept_kind(concept)
     original, erased = load_text_encoder(world.text_encoder_path), load_text_encoder(erased_folder)
     tokenizer = load_tokenizer(world.path / "tokenizer", None, None)
     out = {}

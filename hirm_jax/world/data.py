@@ -21,12 +21,26 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import minimum_filter
 
+from hirm_jax.config_lib import ConfigError
+
 OBJECTS = ("circle", "square", "triangle", "star", "cross", "heart")
 STYLES = ("outline", "striped", "dotted", "checkered", "gradient", "shadowed")
 OBJECT_ANCHOR = "blob"    # a wide ellipse: the generic "thing"
 STYLE_ANCHOR = "plain"    # a flat fill: the generic "no style"
 ALL_OBJECTS = OBJECTS + (OBJECT_ANCHOR,)   # the judge's object classes, in this order
 ALL_STYLES = STYLES + (STYLE_ANCHOR,)      # the judge's style classes, in this order
+
+
+
+def concept_kind(concept: str) -> str:
+    """"object" or "style"; anything else is a ConfigError listing the world's concepts."""
+    if concept in OBJECTS:
+        return "object"
+    if concept in STYLES:
+        return "style"
+    raise ConfigError(f"concept must be one of the world's objects {list(OBJECTS)} or styles {list(STYLES)}, "
+                      f"but is {concept!r}")
+
 
 TRAIN_TEMPLATES = (
     "a {style} {object}",

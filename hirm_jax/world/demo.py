@@ -22,6 +22,7 @@ import numpy as np
 
 from hirm_jax import log, provenance
 from hirm_jax.config_lib import ConfigError, base_config
+from hirm_jax.world.data import concept_kind
 from hirm_jax.fileio import atomic_file, write_json
 
 _log = log.get(__name__)
@@ -52,20 +53,11 @@ def demo_config(method: str = "hirm_s"):
     return c
 
 
-def concept_kind(world_module, concept: str) -> str:
-    if concept in world_module.OBJECTS:
-        return "object"
-    if concept in world_module.STYLES:
-        return "style"
-    raise ConfigError(f"concept must be one of the world's objects {list(world_module.OBJECTS)} or styles "
-                      f"{list(world_module.STYLES)}, but is {concept!r}")
-
-
 def erase_config(world, concept: str, method: str, workdir: Path):
     """The demo config filled in for one concept: prompts in the world's training templates with
     every class of the other kind, retain prompts = the same templates for every other concept."""
     from hirm_jax import world as w
-    kind = concept_kind(w, concept)
+    kind = concept_kind(concept)
     c = demo_config(method)
     c.encoder.path = str(world.text_encoder_path)
     c.encoder.tokenizer = str(world.path / "tokenizer")
@@ -101,11 +93,10 @@ def benchmark_grid(seeds_per_cell: int) -> list[dict]:
 def judged_rows(world, images, grid: list[dict], targets: list[str]) -> list[dict]:
     """Rows for `ua_ira_cra`, one set per erased target. With several targets (a joint erasure),
     the images prompted with another of them are left out of each target's set."""
-    from hirm_jax import world as w
     preds = world.judge.classify(images)
     rows = []
     for target in targets:
-        kind, others = concept_kind(w, target), [x for x in targets if x != target]
+        kind, others = concept_kind(target), [x for x in targets if x != target]
         rows += [dict(row, target=target, target_kind=kind, object_pred=o, style_pred=s)
                  for row, o, s in zip(grid, preds["object"], preds["style"])
                  if row["object"] not in others and row["style"] not in others]
@@ -131,7 +122,7 @@ def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: st
              seeds_per_cell: int = 5, world_path: Optional[str] = None) -> dict:
     from hirm_jax import world as w
     timings, t0 = {}, time.perf_counter()
-    kind = concept_kind(w, concept)
+    kind = concept_kind(concept)
     if method not in METHODS:
         raise ConfigError(f"method must be one of {list(METHODS)} but is {method!r}")
     workdir = Path(workdir)
@@ -204,10 +195,9 @@ def _attacks(world, concept: str, workdir: Path, robust_folder: Path, timings: d
 def _erase_and_export(world, concept: str, method: str, workdir: Path, timings: dict,
                       key: str = "erase_s") -> tuple[Path, Path]:
     """Erase in JAX, then export the erased encoder (from memory) as a transformers folder."""
-    from hirm_jax import world as w
     from hirm_jax.artifacts.export import export_full
     from hirm_jax.run import train_and_evaluate
-    _log.info(f"[demo] erasing {concept_kind(w, concept)} {concept!r} with {method} (JAX, block 0 only)")
+    _log.info(f"[demo] erasing {concept_kind(concept)} {concept!r} with {method} (JAX, block 0 only)")
     t = time.perf_counter()
     config = erase_config(world, concept, method, workdir)
     erase_dir = workdir / f"erase_{concept}_{method}"
