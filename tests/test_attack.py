@@ -99,3 +99,21 @@ def test_the_command_attacks_a_workdir_and_writes_ids_others_can_rerun(tmp_path,
     assert cli.main(["attack", f"--erased={workdir}", "--concept=cat", "--k=0", f"--out={tmp_path / 'x'}"]) == 2
     assert "k must be >= 1 but is 0" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert cli.main(["attack", f"--erased={workdir}", "--concept=cat", f"--out={workdir / 'inside'}"]) == 2
+
+
+@pytest.mark.slow
+def test_many_prompts_searched_together_and_sharded_equal_each_searched_alone(encoders):
+    # 3 prompts vmapped in one search, sharded over the 8 fake devices (padded to 8), give what
+    # each prompt's own one-device search gives: a prompt's search does not depend on the others.
+    import jax
+    from hirm_jax.attack.search import Item, search
+    original, erased, tokenizer = encoders
+    vocab = original.config.vocab_size
+    items = [Item(c, t, banned_tokens(tokenizer, [c], vocab)) for c, t in (("cat", "a {}"), ("dog", "a photo of a {}"),
+                                                                          ("cat", "{} on a mat"))]
+    settings = AttackSettings(k=2, steps=4, restarts=2, top_k=16, candidates=16)
+    together = search(erased, original, tokenizer, items, settings)
+    alone = [search(erased, original, tokenizer, [item], settings, devices=jax.devices()[:1])[0] for item in items]
+    assert [r.concept for r in together] == ["cat", "dog", "cat"] and all(len(r.ids) == 77 for r in together)
+    for a, b in zip(together, alone):
+        assert a.ids == b.ids and a.loss == pytest.approx(b.loss, rel=1e-5) and a.loss < a.loss_start

@@ -32,7 +32,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Sequence
+import zlib
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -196,12 +197,16 @@ def gcg_step(apply, settings: "AttackSettings", params, prompt, slot_tokens, los
     grad = jax.grad(lambda x: loss_of_embeds(apply, settings.hook, params, prompt, x @ table))(onehot)
     grad = jnp.where(prompt["banned"][None], jnp.inf, grad)
     top = jax.lax.top_k(-grad, settings.top_k)[1]  # [k, top_k]
-    key_slot, key_token = jax.random.split(key)
-    slot = jax.random.categorical(key_slot, jnp.log(prompt["slot_mask"]), shape=(settings.candidates,))
-    token = top[slot, jax.random.randint(key_token, (settings.candidates,), 0, settings.top_k)]
-    candidates = jnp.broadcast_to(slot_tokens, (settings.candidates, slot_tokens.shape[0]))
-    candidates = candidates.at[jnp.arange(settings.candidates), slot].set(token)
+    # `candidates` distinct (slot, rank) pairs among the active slots (Gumbel top-k: without
+    # replacement, so candidates >= k * top_k tries every one)
+    count = min(settings.candidates, slot_tokens.shape[0] * settings.top_k)
+    scores = jax.random.gumbel(key, (slot_tokens.shape[0] * settings.top_k,))
+    flat = jax.lax.top_k(scores + jnp.log(jnp.repeat(prompt["slot_mask"], settings.top_k)), count)[1]
+    slot, token = flat // settings.top_k, top[flat // settings.top_k, flat % settings.top_k]
+    candidates = jnp.broadcast_to(slot_tokens, (count, slot_tokens.shape[0]))
+    candidates = candidates.at[jnp.arange(count), slot].set(token)
     losses = _in_chunks(lambda rows: loss_of_tokens(apply, settings.hook, params, prompt, rows), candidates)
+    losses = jnp.where(prompt["banned"][token] | (prompt["slot_mask"][slot] == 0), jnp.inf, losses)
     best = jnp.argmin(losses)
     better = losses[best] < loss
     return jnp.where(better, candidates[best], slot_tokens), jnp.where(better, losses[best], loss)
@@ -265,43 +270,67 @@ class Item:
     banned: np.ndarray  # [V] bool
 
 
-def search(erased, original, tokenizer, items: Sequence[Item], settings: AttackSettings) -> list[AttackResult]:
-    """Attack every item at once (prompts and restarts vmapped in one jitted search); see the
-    module docstring. `seconds` is the search's time divided among the items."""
+def search(erased, original, tokenizer, items: Sequence[Item], settings: AttackSettings,
+           devices: Optional[Sequence] = None) -> list[AttackResult]:
+    """Attack every item at once (prompts and restarts vmapped in one jitted search, the prompts
+    sharded over `devices`, default all); see the module docstring. `seconds` is the search's
+    time divided among the items."""
     settings.check(erased.config.vocab_size)
     t0 = time.perf_counter()
     length = erased.config.max_position_embeddings
     fns = _searchers(erased.config, settings)
     concept_ids = encode_prompts(tokenizer, [i.template.format(i.concept) for i in items], length)["input_ids"]
     targets = fns["rep"](original.params, concept_ids, None)
-    skeletons = [skeleton(tokenizer, i.template, i.concept, settings.k, settings.placement, length) for i in items]
-    weights = np.ones(length, np.float32)
-    weights[0] = 0.0  # BOS is the same for every prompt
-    prompts = dict(ids=jnp.asarray(np.stack([s.ids for s in skeletons])), slots=jnp.asarray(np.stack([s.slots for s in skeletons])),
-                   slot_mask=jnp.ones((len(items), settings.k), jnp.float32), target=targets,
-                   weights=jnp.asarray(np.broadcast_to(weights, (len(items), length))),
-                   banned=jnp.asarray(np.stack([i.banned for i in items])))
-    rng = np.random.default_rng(settings.seed)
-    start = []
-    for item in items:
-        allowed = np.flatnonzero(~item.banned)
-        if allowed.size == 0:
-            raise AttackError(f"every token is banned for {item.concept!r}: nothing to search")
-        start.append(rng.choice(allowed, (settings.restarts, settings.k)))
-    start = jnp.asarray(np.stack(start), jnp.int32)  # [P, R, k]
+    prompts, start = _prompt_arrays(tokenizer, items, settings, length, np.asarray(targets))
+    prompts, start = _shard_prompts((prompts, start), devices or jax.devices())
     if settings.kind == "gcg":
         found = _gcg(fns, erased.params, prompts, start, settings)
     else:
         found = _continuous(fns, erased.params, prompts, start)
-    problem = _Searched(fns, erased, original, tokenizer, items, prompts, targets, concept_ids, settings)
-    return _results(problem, *found, (time.perf_counter() - t0) / len(items))
+    found = jax.tree_util.tree_map(lambda x: None if x is None else x[:len(items)], found)  # drop the padding
+    prompts = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[:len(items)], prompts)
+    searched = _Searched(fns, erased, original, tokenizer, items, prompts, targets, concept_ids, settings)
+    return _results(searched, *found, (time.perf_counter() - t0) / len(items))
+
+
+def _prompt_arrays(tokenizer, items: Sequence[Item], settings: AttackSettings, length: int, targets) -> tuple:
+    """(prompt arrays [P, ...] (module's layout), starting tokens [P, R, k]) as numpy."""
+    skeletons = [skeleton(tokenizer, i.template, i.concept, settings.k, settings.placement, length) for i in items]
+    weights = np.ones(length, np.float32)
+    weights[0] = 0.0  # BOS is the same for every prompt
+    prompts = dict(ids=np.stack([s.ids for s in skeletons]), slots=np.stack([s.slots for s in skeletons]),
+                   slot_mask=np.ones((len(items), settings.k), np.float32), target=targets,
+                   weights=np.broadcast_to(weights, (len(items), length)).copy(),
+                   banned=np.stack([i.banned for i in items]),
+                   seed=np.array([zlib.crc32(f"{i.concept}|{i.template}".encode()) & 0x7FFFFFFF for i in items], np.int32))
+    start = []
+    for item, item_seed in zip(items, prompts["seed"]):  # a prompt's search does not depend on the others'
+        allowed = np.flatnonzero(~item.banned)
+        if allowed.size == 0:
+            raise AttackError(f"every token is banned for {item.concept!r}: nothing to search")
+        start.append(np.random.default_rng([settings.seed, int(item_seed)]).choice(allowed, (settings.restarts, settings.k)))
+    return prompts, np.stack(start).astype(np.int32)
+
+
+def _shard_prompts(tree, devices: Sequence):
+    """Every leaf's prompt axis (0) padded to a multiple of the devices (repeating the last
+    prompt) and sharded over them; the encoder's parameters stay replicated."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    n = len(devices)
+    count = jax.tree_util.tree_leaves(tree)[0].shape[0]
+    padded = -(-count // n) * n
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], padded - count, 0)]) if padded > count else x
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("prompts",)), PartitionSpec("prompts"))
+    return jax.tree_util.tree_map(lambda x: jax.device_put(pad(np.asarray(x)), sharding), tree)
+
+
 def _gcg(fns, params, prompts, start, settings: AttackSettings):
     """-> (tokens [P, R, k], losses [P, R], start losses [P, R], None)."""
     losses = start_losses = fns["tokens_loss"](params, prompts, start)
-    tokens, key = start, jax.random.key(settings.seed)
-    shape = start.shape[:2]
+    tokens, restarts = start, start.shape[1]
+    item_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(settings.seed), s))(prompts["seed"])
     for i in range(settings.steps):
-        keys = jax.random.split(jax.random.fold_in(key, i), shape[0] * shape[1]).reshape(shape)
+        keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i), restarts))(item_keys)  # [P, R]
         tokens, losses = fns["gcg"](params, prompts, tokens, losses, keys)
         if (i + 1) % 10 == 0 or i + 1 == settings.steps:
             _log.info(f"attack gcg: step {i + 1}/{settings.steps}, mean best loss {float(jnp.mean(losses.min(1))):.4g}")
