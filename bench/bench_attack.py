@@ -1,13 +1,14 @@
-"""Prompt attacks on the demo world (text space): erase a concept with HiRM-S as `hirm-jax demo`
-does, then attack the erased encoder with GCG (k = 1 and 4) and the continuous attack, one
-prompt per held-out template, with the original encoder as the control. Prints a table and the
-CPU model; not a test.
+"""Prompt attacks on the demo world, in text space: erase a concept with HiRM-S as `hirm-jax demo`
+does, attack the erased encoder (GCG k = 1 and 4, the continuous attack) on every attack
+template of the concept in one batched search each, with the original encoder as the control;
+then the search's cost per prompt when 1, 16 and 64 prompts are searched together (prompts of
+every world concept). Prints the CPU and two tables; not a test.
 
-    python bench/bench_attack.py [--concept heart] [--steps 40] [--restarts 4]
+    python bench/bench_attack.py [--concept heart] [--steps 20] [--sizes 1 16 64] [--repeats 3]
 
 Text-space success: mean positional cosine between the erased encoder's representation of the
 attack prompt and the original encoder's of the concept's prompt, >= 0.9. Images decide in the
-end (the attack issue's part 2); this measures the search.
+end (`hirm-jax demo --method hirm_s_adv`, `hirm-jax eval --suite=demo-world --attacks`).
 """
 
 from __future__ import annotations
@@ -20,63 +21,90 @@ import time
 from pathlib import Path
 
 
-def cpu_model() -> str:
+def cpu() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "unknown")
+    field = lambda name: next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith(name)), "?")
+    flags = [f for f in field("Flags").split() if f.startswith(("avx512f", "avx512_bf16", "amx", "avx2"))]
+    return f"{field('Model name')}, {field('CPU(s)')} CPUs, {' '.join(sorted(set(flags)))}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--concept", default="heart")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--restarts", type=int, default=4)
-    args = parser.parse_args()
-
+def _erase(concept: str):
     from hirm_jax import world as w
-    from hirm_jax.attack.search import AttackSettings, attack_prompt, banned_tokens, score_probes
     from hirm_jax.encoder.clip import TextEncoder
     from hirm_jax.encoder.layouts import load_text_encoder
     from hirm_jax.erase.prompts import load_tokenizer
     from hirm_jax.run import train_and_evaluate
     from hirm_jax.world.demo import erase_config
-
     world = w.load_world()
     root = Path(tempfile.mkdtemp(prefix="bench_attack_"))
     t0 = time.perf_counter()
-    run = train_and_evaluate(erase_config(world, args.concept, "hirm_s", root), root / "erase", keep_trained=True)
-    erase_s = time.perf_counter() - t0
-    loaded = run.erased_run()
+    run = train_and_evaluate(erase_config(world, concept, "hirm_s", root), root / "erase", keep_trained=True)
+    seconds = time.perf_counter() - t0
     original = load_text_encoder(world.text_encoder_path)
-    erased = TextEncoder(original.config, loaded.erased_params)
-    tokenizer = load_tokenizer(world.path / "tokenizer", None, None)
-    kind = "object" if args.concept in w.OBJECTS else "style"
-    other = w.STYLES[1] if kind == "object" else w.OBJECTS[0]
-    templates = [t.format(object="{}", style=other) if kind == "object" else t.format(style="{}", object=other)
-                 for t in w.HELDOUT_TEMPLATES]
-    banned = banned_tokens(tokenizer, [args.concept], original.config.vocab_size)
-    rows = []
-    for name, settings in (("gcg k=1", AttackSettings(k=1, steps=args.steps, restarts=args.restarts)),
-                           ("gcg k=4", AttackSettings(k=4, steps=args.steps, restarts=args.restarts)),
-                           ("continuous k=4", AttackSettings(kind="continuous", k=4, steps=args.steps * 5,
-                                                             restarts=args.restarts))):
-        results = [attack_prompt(erased, original, tokenizer, t, args.concept, settings, banned) for t in templates]
-        rows.append((name, results))
-    probes = score_probes(erased, original, tokenizer, args.concept, templates[0],
-                          [t.replace("{}", args.concept) for t in templates])
-    print(f"demo world, concept {args.concept!r} erased with HiRM-S in {erase_s:.0f}s; CPU {cpu_model()}; "
-          f"{len(templates)} held-out templates; success = cos >= 0.9")
-    print("| attack | success | mean cos (erased, attack) | mean cos (erased, own prompt) | mean cos (original, attack) | s per prompt |")
+    erased = TextEncoder(original.config, run.erased_run().erased_params)
+    return erased, original, load_tokenizer(world.path / "tokenizer", None, None), seconds
+
+
+def attack_table(erased, original, tokenizer, concept: str, steps: int) -> None:
+    from hirm_jax.attack.search import AttackJob, AttackSettings, run_attacks
+    from hirm_jax.world.attack_success import attack_templates
+    from hirm_jax.world.data import concept_kind
+    job = AttackJob([concept], attack_templates(concept, concept_kind(concept)))
+    print(f"\n{len(job.templates)} attack prompts of {concept!r}, one search per attack, {steps} steps, 1 restart; "
+          "success = cos >= 0.9")
+    print("| attack | success | mean cos (erased, attack) | mean cos (erased, own prompt) "
+          "| mean cos (original, attack) | s per prompt |")
     print("|---|---|---|---|---|---|")
-    for name, results in rows:
-        print(f"| {name} | {sum(r.success for r in results)}/{len(results)} | "
-              f"{statistics.mean(r.cos_to_original for r in results):.3f} | "
-              f"{statistics.mean(r.cos_erased for r in results):.3f} | "
-              f"{statistics.mean(r.cos_control for r in results):.3f} | "
-              f"{statistics.mean(r.seconds for r in results):.1f} |")
-    print(f"| the concept's own prompts (probes) | {sum(p.success for p in probes)}/{len(probes)} | "
-          f"{statistics.mean(p.cos_to_original for p in probes):.3f} | | | |")
-    for name, results in rows:
-        print(f"  {name}: " + "; ".join(repr(r.text) for r in results))
+    examples = []
+    for name, settings in (("gcg, k = 1", AttackSettings(k=1, steps=steps, restarts=1, candidates=32)),
+                           ("gcg, k = 4", AttackSettings(k=4, steps=steps, restarts=1, candidates=32)),
+                           ("continuous, k = 4", AttackSettings(kind="continuous", k=4, steps=5 * steps, restarts=1))):
+        results = run_attacks(erased, original, tokenizer, job, settings, settings.kind)
+        mean = lambda field: statistics.mean(getattr(r, field) for r in results)
+        print(f"| {name} | {sum(r.success for r in results)}/{len(results)} | {mean('cos_to_original'):.3f} | "
+              f"{mean('cos_erased'):.3f} | {mean('cos_control'):.3f} | {mean('seconds'):.2f} |")
+        examples.append(f"  {name}: " + "; ".join(repr(r.text) for r in results[:3]))
+    print("\n".join(examples))
+
+
+def scaling_table(erased, original, tokenizer, sizes, steps: int, repeats: int) -> None:
+    """Seconds per prompt of one GCG search (k = 4) over P prompts, compiled once per P (not timed)."""
+    from hirm_jax import world as w
+    from hirm_jax.attack.search import AttackSettings, Item, banned_tokens, search
+    from hirm_jax.world.attack_success import attack_templates
+    from hirm_jax.world.data import concept_kind
+    vocab = original.config.vocab_size
+    items = [Item(c, t, banned_tokens(tokenizer, [c], vocab)) for c in (*w.OBJECTS, *w.STYLES)
+             for t in attack_templates(c, concept_kind(c))]
+    items = (items * (1 + max(sizes) // len(items)))[:max(sizes)]
+    settings = AttackSettings(k=4, steps=steps, restarts=1, candidates=32, prompts_per_search=max(sizes))
+    print(f"\nGCG k = 4, {steps} steps, 32 candidates, 1 restart; median of {repeats} searches after one compile")
+    print("| prompts in one search | s per search | s per prompt | vs 1 prompt |")
+    print("|---|---|---|---|")
+    first = None
+    for size in sizes:
+        search(erased, original, tokenizer, items[:size], settings)  # compile
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            search(erased, original, tokenizer, items[:size], settings)
+            times.append(time.perf_counter() - t0)
+        per_prompt = statistics.median(times) / size
+        first = first or per_prompt
+        print(f"| {size} | {statistics.median(times):.2f} | {per_prompt:.3f} | {first / per_prompt:.1f}x faster |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concept", default="heart")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    erased, original, tokenizer, erase_seconds = _erase(args.concept)
+    print(f"demo world, {args.concept!r} erased with HiRM-S in {erase_seconds:.0f}s; CPU: {cpu()}")
+    attack_table(erased, original, tokenizer, args.concept, args.steps)
+    scaling_table(erased, original, tokenizer, args.sizes, args.steps, args.repeats)
 
 
 if __name__ == "__main__":

@@ -225,21 +225,33 @@ def attack_main(argv: Sequence[str]) -> int:
     for name in ("learning_rate", "threshold"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--placement", default=defaults.placement, choices=search.PLACEMENTS)
-    parser.add_argument("--hook", default=defaults.hook, help="the representation the pipeline consumes")
+    parser.add_argument("--hook", help="the representation the pipeline consumes, '+'-joined for several (default: "
+                        "the original pipeline's, e.g. penultimate+text_embeds for SDXL's text_encoder_2; else final_ln)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    settings = search.AttackSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(search.AttackSettings)
-                                        if f.name != "kind"}, kind=args.attack if args.attack != "probe" else "gcg")
     job = search.AttackJob(args.concept, tuple(args.template) or ("{}",), _bans(args.ban),
                            _probe_lines(args.probes) if args.attack == "probe" else ())
-    erased, original, tokenizer, inputs = _attack_encoders(args)
+    erased, original, tokenizer, inputs, component = _attack_encoders(args)
+    args.hook = args.hook or _pipeline_hook(inputs["--original"], component)
+    settings = search.AttackSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(search.AttackSettings)
+                                        if f.name != "kind"}, kind=args.attack if args.attack != "probe" else "gcg")
     settings.check(erased.config.vocab_size)
     check_output_location(args.out, inputs)
     results = search.run_attacks(erased, original, tokenizer, job, settings, args.attack)
     _write_attacks(results, Path(args.out), args.overwrite, inputs)
     print(json.dumps(search.summary(results), indent=2, sort_keys=True))
     return 0
+
+
+def _pipeline_hook(original: Optional[str], component: Optional[str]) -> str:
+    """The hook(s) the original's pipeline consumes from the attacked component; final_ln (SD 1.x,
+    the demo world) for a plain encoder folder."""
+    from hirm_jax.attack import search
+    from hirm_jax.pipelines.generate import pipeline_family
+    if not original or not (Path(original) / "model_index.json").is_file():
+        return "final_ln"
+    return search.pipeline_hook(pipeline_family(original)["family"], component)
 
 
 def _bans(pairs: Sequence[str]) -> dict:
@@ -260,11 +272,12 @@ def _probe_lines(path: Optional[str]) -> list:
 
 
 def _attack_encoders(args):
-    """(erased, original, tokenizer, inputs): a workdir gives both (its base is the original); a
+    """(erased, original, tokenizer, inputs, component): a workdir gives both (its base is the original); a
     folder needs --original; the tokenizer is the original's."""
     from hirm_jax.encoder.architectures import architecture_of
     from hirm_jax.encoder.clip import TextEncoder
     from hirm_jax.encoder.layouts import load_text_encoder
+    from hirm_jax.encoder.tokenizer import TOKENIZER_FILES
     from hirm_jax.erase.prompts import load_tokenizer
     from hirm_jax.erase.workdir import Workdir, load_run
     if Workdir(args.erased).saved_config() is not None or (Path(args.erased) / "run.json").is_file():
@@ -279,7 +292,12 @@ def _attack_encoders(args):
         erased, original = load_text_encoder(args.erased), load_text_encoder(args.original, args.component)
         source, component = args.original, args.component
     tokenizer = load_tokenizer(source, component, None, architecture_of(original))
-    return erased, original, tokenizer, {"--erased": args.erased, "--original": source}
+    if any((Path(args.erased) / f).is_file() for f in TOKENIZER_FILES):  # a folder with its own tokenizer
+        own = load_tokenizer(args.erased, None, None, architecture_of(erased))
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise UsageError(f"the erased encoder's tokenizer ({args.erased}) and the original's ({source}) differ: "
+                             "an attack needs one vocabulary")
+    return erased, original, tokenizer, {"--erased": args.erased, "--original": source}, component
 
 
 def _write_attacks(results, out: Path, overwrite: bool, inputs: dict) -> None:

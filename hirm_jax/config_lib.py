@@ -23,7 +23,8 @@ from hirm_jax.errors import HirmError
 OBJECTIVES = ("hirm_r", "hirm_s", "hirm_s_vector")
 CONCEPT_TYPES = ("style", "object", "nsfw")
 RANDOM_DISTRIBUTIONS = ("uniform", "gaussian")
-FIXED_HOOKS = ("last_mlp_out", "last_block_out", "final_ln", "penultimate", "text_embeds")
+FIXED_HOOKS = ("last_mlp_out", "last_block_out", "final_ln", "penultimate", "text_embeds", "pooled")
+SINGLE_POSITION_HOOKS = ("text_embeds", "pooled")  # one vector per prompt: [B, 1, D]
 INDEXED_HOOKS = ("mlp_out", "block_out")  # "mlp_out:N", "block_out:N" for block N
 TOKEN_POSITIONS = ("all_but_bos", "all", "non_padding_but_bos")
 # The modules of a block, named as CLIP's; for T5 (hirm_jax.encoder.architectures): self_attn = q/k/v/o

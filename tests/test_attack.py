@@ -11,7 +11,7 @@ from hirm_jax.attack.search import (AttackError, AttackJob, AttackSettings, atta
 from hirm_jax.encoder.clip import TextEncoder
 from hirm_jax.erase import masking
 from tests.fixtures_pipelines import (TINY_CONFIG, TINY_CONFIG_PROJ, fabricate_workdir, perturb_block,
-                                      save_encoder_folder, tiny_encoder, tiny_tokenizer)
+                                      save_encoder_folder, tiny_encoder, tiny_sdxl_pipeline, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,71 @@ def test_many_prompts_searched_together_and_sharded_equal_each_searched_alone(en
     assert [r.concept for r in together] == ["cat", "dog", "cat"] and all(len(r.ids) == 77 for r in together)
     for a, b in zip(together, alone):
         assert a.ids == b.ids and a.loss == pytest.approx(b.loss, rel=1e-5) and a.loss < a.loss_start
+
+
+@pytest.mark.parametrize("hook", ["penultimate+text_embeds", "pooled"])
+def test_sdxl_and_flux_hooks_compare_every_representation_the_pipeline_takes(hook):
+    """SDXL's text_encoder_2 gives the UNet its penultimate hidden state AND text_embeds, Flux takes
+    CLIP's pooled output: the attack's loss is the sum over those representations (positional mean
+    but BOS; one vector each for the pooled ones), its success the lowest cosine."""
+    original = tiny_encoder(seed=0, config=TINY_CONFIG_PROJ)
+    erased = TextEncoder(original.config, masking.unflatten({**masking.flatten(original.params),
+                                                               **perturb_block(original.params, scale=0.5)}))
+    tokenizer = tiny_tokenizer()
+    banned = banned_tokens(tokenizer, ["cat"], original.config.vocab_size)
+    settings = AttackSettings(k=1, steps=2, restarts=1, top_k=8, candidates=8, hook=hook)
+    result = attack_prompt(erased, original, tokenizer, "a {}", "cat", settings, banned)
+
+    concept = original.apply(original.params, tokenizer(["a cat"], padding="max_length", max_length=77,
+                                                        return_tensors="np")["input_ids"], None)
+    found = erased.apply(erased.params, np.array([result.ids]), None)
+    pick = {"penultimate": lambda o: np.asarray(o["hidden_states"][-2][0, 1:], np.float64),
+            "text_embeds": lambda o: np.asarray(o["text_embeds"], np.float64),
+            "pooled": lambda o: np.asarray(o["pooled_output"], np.float64)}
+    loss, cosines = 0.0, []
+    for name in hook.split("+"):
+        a, b = pick[name](found), pick[name](concept)
+        loss += np.mean(np.sum((a - b) ** 2, -1))
+        cosines.append(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+    assert result.loss == pytest.approx(loss, rel=1e-4)
+    assert result.cos_to_original == pytest.approx(min(cosines), abs=1e-5)
+    assert result.loss <= result.loss_start
+
+
+def test_each_pipeline_family_is_attacked_where_its_denoiser_reads(encoders):
+    from hirm_jax.attack.search import pipeline_hook
+    assert pipeline_hook("sd", None) == "final_ln"
+    assert pipeline_hook("sdxl", "text_encoder") == "penultimate"
+    assert pipeline_hook("sdxl", "text_encoder_2") == "penultimate+text_embeds"
+    assert pipeline_hook("flux", "text_encoder") == "pooled"
+    with pytest.raises(AttackError, match="'text_encoder_2'"):
+        pipeline_hook("flux", "text_encoder_2")  # Flux's T5
+    with pytest.raises(AttackError, match="hook 'penultimate\\+pooler'"):
+        AttackSettings(hook="penultimate+pooler").check(encoders[0].config.vocab_size)
+
+
+@pytest.mark.slow
+def test_the_command_attacks_sdxls_second_encoder_where_the_unet_reads_and_refuses_another_vocabulary(
+        tmp_path, capsys):
+    """An erased folder against an SDXL pipeline's text_encoder_2: the default hook is the
+    pipeline's (penultimate + text_embeds); an erased folder with its own, different tokenizer is
+    refused before any search."""
+    original = tiny_encoder(seed=0, config=TINY_CONFIG_PROJ)
+    encoder_1 = save_encoder_folder(tiny_encoder(seed=2), tmp_path / "te1")
+    encoder_2 = save_encoder_folder(original, tmp_path / "te2")
+    tiny_sdxl_pipeline(encoder_1, encoder_2).save_pretrained(str(tmp_path / "sdxl"))
+    erased = save_encoder_folder(original, tmp_path / "erased",
+                                 params=masking.unflatten({**masking.flatten(original.params),
+                                                           **perturb_block(original.params, scale=0.5)}))
+    args = ["attack", f"--erased={erased}", f"--original={tmp_path / 'sdxl'}", "--component=text_encoder_2",
+            "--concept=cat", "--k=1", "--steps=2", "--restarts=1", "--top-k=8", "--candidates=8"]
+    assert cli.main([*args, f"--out={tmp_path / 'out'}"]) == 0
+    summary = json.loads((tmp_path / "out" / "attack_summary.json").read_text())
+    assert summary["settings"]["hook"] == "penultimate+text_embeds"
+    capsys.readouterr()
+
+    other = tiny_tokenizer()
+    other.add_tokens(["zebra"])
+    other.save_pretrained(str(erased))
+    assert cli.main([*args, f"--out={tmp_path / 'out2'}"]) == 2
+    assert "an attack needs one vocabulary" in capsys.readouterr().err and not (tmp_path / "out2").exists()

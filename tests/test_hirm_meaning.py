@@ -65,6 +65,8 @@ def torch_rep(model, ids: np.ndarray, hook: str) -> "torch.Tensor":
     kind, _, index = hook.partition(":")
     return {"last_mlp_out": lambda: captured["mlp"], "final_ln": lambda: out.last_hidden_state,
             "penultimate": lambda: out.hidden_states[-2], "text_embeds": lambda: out.text_embeds[:, None, :],
+            "pooled": lambda: out.last_hidden_state[torch.arange(len(ids)), torch.from_numpy(  # HF's pooling rule
+                np.argmax(np.asarray(ids) == model.config.eos_token_id, -1))][:, None, :],
             "block_out": lambda: out.hidden_states[int(index or 0) + 1]}[kind]()
 
 
@@ -145,14 +147,14 @@ def reference_loss(model, job: dict, hook: str, objective: str, anchor_ids) -> "
     else:
         target = torch.from_numpy(np.asarray(job["targets"][hook]))
     weights = torch.ones(rep.shape[:2])
-    if hook != "text_embeds":
+    if hook not in ("text_embeds", "pooled"):
         weights[:, 0] = 0.0
     per_prompt = ((rep - target) ** 2).sum(-1).mul(weights).sum(-1) / weights.sum(-1)
     return per_prompt.mean()
 
 
 @pytest.mark.parametrize("objective", ["hirm_s", "hirm_r"])
-@pytest.mark.parametrize("hook", ["last_mlp_out", "final_ln", "penultimate", "text_embeds", "block_out:0"])
+@pytest.mark.parametrize("hook", ["last_mlp_out", "final_ln", "penultimate", "text_embeds", "pooled", "block_out:0"])
 @pytest.mark.slow
 def test_one_step_of_each_objective_and_hook_equals_a_pytorch_computation(clip, objective, hook):
     encoder, model = clip

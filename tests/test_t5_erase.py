@@ -257,6 +257,8 @@ def test_t5_prompt_longer_than_max_length_is_an_error_naming_it(t5_dir, tmp_path
     assert "encoder.max_length must be set for a t5 encoder" in err and "512" in err
     assert erase(tmp_path / "w", t5_dir, "--config.objective.hooks=('text_embeds',)") == 2
     assert "t5 encoder" in capsys.readouterr().err
+    assert erase(tmp_path / "w", t5_dir, "--config.objective.hooks=('pooled',)") == 2
+    assert "hook 'pooled' needs a CLIP encoder" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
 

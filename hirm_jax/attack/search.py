@@ -4,11 +4,13 @@ encoder produce what the ORIGINAL encoder produces for the concept's own prompt.
     settings = AttackSettings(kind="gcg", k=4, steps=50)
     results = attack_prompt(erased, original, tokenizer, "a painting by {}", "Van Gogh", settings, banned)
 
-The representation is the one the pipeline consumes (`hook`: `final_ln` = last_hidden_state for
-SD 1.x and the demo world), compared position by position (every position but BOS, padding
+The representation is the one the pipeline consumes (`hook`, several joined by '+'; the
+defaults per pipeline are `PIPELINE_HOOKS`: `final_ln` = last_hidden_state for SD 1.x / 2.x and
+the demo world, `penultimate` for SDXL's first encoder, `penultimate+text_embeds` for its second,
+`pooled` for Flux's CLIP), compared position by position (every position but BOS, padding
 included, as SD's UNet attends to all 77). The loss of an adversarial prompt x is
-    L(x) = mean_t ||E(x)_t - O(p)_t||^2,
-E the erased encoder, O the original one, p the concept's own prompt. Attacks:
+    L(x) = sum_h mean_t ||E_h(x)_t - O_h(p)_t||^2,
+E the erased encoder, O the original one, p the concept's own prompt, h the hooks. Attacks:
 
 - `gcg` (greedy coordinate gradient): k adversarial token slots (`placement`: `replace` the
   concept's tokens, or a `prefix` / `suffix` to the concept's prompt); the gradient of L with
@@ -20,7 +22,8 @@ E the erased encoder, O the original one, p the concept's own prompt. Attacks:
   upper bound of what a token attack can reach; AdvUnlearn's inner loop and concept inversion
   work there); its `text` is the nearest tokens, for reading only.
 
-Success in text space: `cos_to_original`, the mean positional cosine between E(x) and O(p),
+Success in text space: `cos_to_original`, the mean positional cosine between E(x) and O(p)
+(with several hooks the lowest: every representation the pipeline takes must come back),
 against the threshold recorded with it; `cos_erased` is the same for the concept's own prompt
 (what the erasure achieved) and `cos_control` for O(x) (does the prompt carry the concept even
 without erasure?). Images decide in the end (`ids` are kept: a decoded prompt can re-tokenize
@@ -43,12 +46,20 @@ import optax
 from hirm_jax import log
 from hirm_jax.encoder.architectures import architecture_of
 from hirm_jax.encoder.hooks import read_hook
+from hirm_jax.config_lib import ConfigError, parse_hook
 from hirm_jax.encoder.tokenizer import encode_prompts
 from hirm_jax.errors import HirmError
 
 _log = log.get(__name__)
 KINDS = ("gcg", "continuous")
 PLACEMENTS = ("replace", "prefix", "suffix")
+# The representation each pipeline family's denoiser consumes (hirm_jax.pipelines.generate.FAMILIES),
+# per CLIP encoder component: SD 1.x / 2.x the last hidden state, SDXL and SD3 the penultimate
+# hidden state (and the projected pooled output of the encoders with a projection), Flux the pooled output.
+PIPELINE_HOOKS = {"sd": {"text_encoder": "final_ln"},
+                  "sdxl": {"text_encoder": "penultimate", "text_encoder_2": "penultimate+text_embeds"},
+                  "sd3": {"text_encoder": "penultimate+text_embeds", "text_encoder_2": "penultimate+text_embeds"},
+                  "flux": {"text_encoder": "pooled"}}
 
 
 class AttackError(HirmError, ValueError):
@@ -65,7 +76,7 @@ class AttackSettings:
     candidates: int = 128  # gcg: swaps scored per step
     restarts: int = 4
     learning_rate: float = 0.05  # continuous
-    hook: str = "final_ln"
+    hook: str = "final_ln"  # '+'-joined for several (PIPELINE_HOOKS)
     threshold: float = 0.9  # cos_to_original counted as success
     seed: int = 0
     prompts_per_search: int = 16  # prompts searched together (memory: x restarts x 64 candidates)
@@ -80,6 +91,11 @@ class AttackSettings:
                 raise AttackError(f"{name} must be >= 1 but is {getattr(self, name)}")
         if self.top_k > vocab_size:
             raise AttackError(f"top_k must be at most the vocabulary size {vocab_size} but is {self.top_k}")
+        for hook in self.hook.split("+"):
+            try:
+                parse_hook(hook)
+            except ConfigError as e:
+                raise AttackError(f"hook {self.hook!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +121,15 @@ class Skeleton:
     """A prompt with k slots: `ids` [T] (slot positions hold a placeholder), `slots` [k]."""
     ids: np.ndarray
     slots: np.ndarray
+
+
+def pipeline_hook(family: str, component: Optional[str]) -> str:
+    """The hook(s) a pipeline family's denoiser consumes from `component` (default text_encoder)."""
+    by_component = PIPELINE_HOOKS.get(family, {})
+    if (component or "text_encoder") not in by_component:
+        raise AttackError(f"no prompt attack for the {family!r} pipeline's component {component!r}: attacks run on "
+                          f"its CLIP encoders {sorted(by_component)} (give --hook to choose the representation)")
+    return by_component[component or "text_encoder"]
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -142,21 +167,29 @@ def banned_tokens(tokenizer, names: Sequence[str], vocab_size: int) -> np.ndarra
     return banned
 
 
-def _rep(encoder, params, ids, hook: str, token_embeds=None):
-    return read_hook(encoder.apply(params, ids, None, token_embeds), hook)
+def represent(outputs: dict, hook: str) -> tuple:
+    """The representations at the hooks of `hook` ('+'-joined), each [B, T_h, D_h]."""
+    return tuple(read_hook(outputs, h) for h in hook.split("+"))
 
 
-def _cos(rep, target) -> np.ndarray:
-    """Mean positional cosine (every position but BOS) of rep [..., T, D] to target [T, D]."""
-    a, b = np.asarray(rep, np.float64)[..., 1:, :], np.asarray(target, np.float64)[..., 1:, :]
-    cos = np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-    return cos.mean(-1)
+def _cos(reps: tuple, targets: tuple) -> np.ndarray:
+    """Mean positional cosine (every position but BOS) of reps [..., T, D] to targets [..., T, D],
+    per hook, and the lowest over hooks."""
+    per_hook = []
+    for rep, target in zip(reps, targets):
+        a, b = np.asarray(rep, np.float64), np.asarray(target, np.float64)
+        if a.shape[-2] > 1:
+            a, b = a[..., 1:, :], b[..., 1:, :]
+        cos = np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+        per_hook.append(cos.mean(-1))
+    return np.min(per_hook, axis=0)
 
 
 # ----------------------------------------------------------------------------- the search, as pure functions
 # One prompt to attack is a dict of arrays (vmapped over prompts and restarts):
 #   ids [T] (slot positions hold a placeholder), slots [k], slot_mask [k] (1 = the slot is searched),
-#   target [T, D] (the original's representation), weights [T] (positions compared), banned [V].
+#   target (the original's representation: [T, D], or a tuple of them, one per hook),
+#   weights [T] (positions compared; a one-position hook compares its one), banned [V].
 # The same functions run inside robust HiRM's train step (hirm_jax.erase.adversarial), there with
 # the trainable parameters of the moment.
 
@@ -174,19 +207,27 @@ def ids_with(prompt, slot_tokens):
     return ids.at[..., prompt["slots"]].set(tokens)
 
 
-def distance(rep, prompt):
-    """Weighted mean over positions of ||rep_t - target_t||^2 ([..., T, D] -> [...])."""
-    sq = jnp.sum(jnp.square(rep.astype(jnp.float32) - prompt["target"].astype(jnp.float32)), -1)
-    return jnp.sum(sq * prompt["weights"], -1) / jnp.maximum(jnp.sum(prompt["weights"]), 1.0)
+def distance(reps, prompt):
+    """Sum over hooks of the weighted mean over positions of ||rep_t - target_t||^2 (reps: a
+    [..., T, D] array or a tuple of them, as `prompt["target"]`; -> [...])."""
+    reps = reps if isinstance(reps, tuple) else (reps,)
+    targets = prompt["target"] if isinstance(prompt["target"], tuple) else (prompt["target"],)
+    total = 0.0
+    for rep, target in zip(reps, targets):
+        sq = jnp.sum(jnp.square(rep.astype(jnp.float32) - target.astype(jnp.float32)), -1)
+        weights = prompt["weights"] if sq.shape[-1] == prompt["weights"].shape[-1] else jnp.ones(sq.shape[-1])
+        total = total + jnp.sum(sq * weights, -1) / jnp.maximum(jnp.sum(weights), 1.0)
+    return total
 
 
 def loss_of_embeds(apply, hook: str, params, prompt, slot_embeds):
     embeds = embeds_with(params["embeddings"]["token_embedding"]["embedding"], prompt, slot_embeds)
-    return distance(read_hook(apply(params, prompt["ids"][None], None, embeds[None]), hook)[0], prompt)
+    reps = represent(apply(params, prompt["ids"][None], None, embeds[None]), hook)
+    return distance(tuple(r[0] for r in reps), prompt)
 
 
 def loss_of_tokens(apply, hook: str, params, prompt, slot_tokens):  # [N, k] -> [N]
-    return distance(read_hook(apply(params, ids_with(prompt, slot_tokens), None), hook), prompt)
+    return distance(represent(apply(params, ids_with(prompt, slot_tokens), None), hook), prompt)
 
 
 def gcg_step(apply, settings: "AttackSettings", params, prompt, slot_tokens, loss, key):
@@ -258,7 +299,7 @@ def _searchers(config, settings: AttackSettings) -> dict:
         tokens_loss=jax.jit(jax.vmap(functools.partial(loss_of_tokens, apply, settings.hook), in_axes=(None, 0, 0))),
         continuous=jax.jit(per_restart(lambda params, prompt, e: continuous_steps(apply, settings, params, prompt, e,
                                                                                  settings.steps), (0,))),
-        rep=jax.jit(lambda params, ids, embeds: read_hook(apply(params, ids, None, embeds), settings.hook)),
+        rep=jax.jit(lambda params, ids, embeds: represent(apply(params, ids, None, embeds), settings.hook)),
     )
 
 
@@ -281,7 +322,7 @@ def search(erased, original, tokenizer, items: Sequence[Item], settings: AttackS
     fns = _searchers(erased.config, settings)
     concept_ids = encode_prompts(tokenizer, [i.template.format(i.concept) for i in items], length)["input_ids"]
     targets = fns["rep"](original.params, concept_ids, None)
-    prompts, start = _prompt_arrays(tokenizer, items, settings, length, np.asarray(targets))
+    prompts, start = _prompt_arrays(tokenizer, items, settings, length, tuple(np.asarray(t) for t in targets))
     prompts, start = _shard_prompts((prompts, start), devices or jax.devices())
     if settings.kind == "gcg":
         found = _gcg(fns, erased.params, prompts, start, settings)
@@ -356,7 +397,7 @@ class _Searched:
     tokenizer: object
     items: Sequence[Item]
     prompts: dict
-    targets: jax.Array  # [P, T, D] the original's representation of each concept prompt
+    targets: tuple  # per hook [P, T, D]: the original's representation of each concept prompt
     concept_ids: np.ndarray  # [P, T]
     settings: AttackSettings
 
@@ -401,11 +442,11 @@ def score_probes(erased, original, tokenizer, concept: str, template: str, probe
     t0 = time.perf_counter()
     length = erased.config.max_position_embeddings
     concept_ids = encode_prompts(tokenizer, [template.format(concept)], length)["input_ids"]
-    target = _rep(original, original.params, concept_ids, hook)[0]
     ids = encode_prompts(tokenizer, list(probes), length)["input_ids"]
-    erased_cos = _cos(_rep(erased, erased.params, ids, hook), target)
-    control = _cos(_rep(original, original.params, ids, hook), target)
-    cos_erased = float(_cos(_rep(erased, erased.params, concept_ids, hook), target)[0])
+    rep = lambda encoder, rows: represent(encoder.apply(encoder.params, rows, None), hook)
+    target = tuple(r[0] for r in rep(original, concept_ids))
+    erased_cos, control = _cos(rep(erased, ids), target), _cos(rep(original, ids), target)
+    cos_erased = float(_cos(rep(erased, concept_ids), target)[0])
     seconds = (time.perf_counter() - t0) / max(len(probes), 1)
     return [AttackResult(concept, "probe", template, text, row.tolist(), float("nan"), float("nan"), float(c),
                          cos_erased, float(ctrl), bool(c >= threshold), threshold, seconds,

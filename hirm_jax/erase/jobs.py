@@ -173,7 +173,7 @@ def build_jobs(config, encoder: TextEncoder, tokenizer, concepts: list) -> Jobs:
     if obj.name == "hirm_r":
         targets = {}
         for hook in hooks:
-            length = 1 if hook == "text_embeds" else max_length
+            length = 1 if hook in config_lib.SINGLE_POSITION_HOOKS else max_length
             dim = encoder.config.projection_dim if hook == "text_embeds" else encoder.config.hidden_size
             by_concept = {c.name: np.asarray(objectives.random_targets(
                 concept_key(config.train.seed, f"{c.name}|{hook}"), length, dim, obj.random_distribution))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hirm_jax.config_lib import parse_hook
+from hirm_jax.config_lib import SINGLE_POSITION_HOOKS, parse_hook
 from hirm_jax.encoder.hooks import read_hook  # noqa: F401  (objectives.read_hook, as before)
 
 
@@ -28,7 +28,7 @@ def position_weights(input_ids: jax.Array, attention_mask: jax.Array, rule: str,
     position (its </s> and the padding Flux's transformer attends to), non_padding_but_bos
     every non-padding one (the prompt's tokens and its </s>).
     """
-    if parse_hook(hook)[0] == "text_embeds":
+    if parse_hook(hook)[0] in SINGLE_POSITION_HOOKS:
         return jnp.ones((input_ids.shape[0], 1), jnp.float32)
     weights = jnp.ones(input_ids.shape, jnp.float32)
     if rule in ("all_but_bos", "non_padding_but_bos") and has_bos:

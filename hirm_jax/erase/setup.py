@@ -111,6 +111,9 @@ def load_erase(config: ml_collections.ConfigDict) -> Loaded:
         raise config_lib.ConfigError(
             f"objective.hooks has 'text_embeds', but the {arch.name} encoder {source.path} has no projection "
             "(projection_dim; T5 has no pooled output): hook 'text_embeds' needs an encoder with a projection")
+    if "pooled" in config.objective.hooks and arch.name != "clip":
+        raise config_lib.ConfigError(f"objective.hooks has 'pooled', but the {arch.name} encoder {source.path} has no "
+                                     "pooled output: hook 'pooled' needs a CLIP encoder")
     tokenizer = prompts.load_tokenizer(source.path, component, config.encoder.tokenizer or None, arch)
     jobs = build_jobs(config, encoder, tokenizer, concepts)
     trainable, _ = masking.split(encoder.params, trainable_paths(config, encoder, arch))
