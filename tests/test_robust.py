@@ -68,8 +68,9 @@ def test_bad_adversarial_settings_are_one_line_errors(encoder_dir, tmp_path, fie
 def test_at_the_base_the_attack_rests_on_the_concept_and_its_term_equals_the_misdirection(encoder_dir, tmp_path):
     # Before training the erasing encoder IS the original: the concept's own embeddings already
     # reach the attack's target, so the attack cannot move, and the adversarial prompts (the
-    # concept prompts, with the same targets) give the same loss term. Later they part.
-    train_and_evaluate(robust_config(encoder_dir, epochs=4), tmp_path / "wd", mesh=mesh_of(1))
+    # concept prompts, with the same targets) give the same loss term. Later they part. Two
+    # concepts erased jointly: one job, each prompt attacked at its own concept's tokens.
+    train_and_evaluate(robust_config(encoder_dir, concepts=CONCEPTS, epochs=4), tmp_path / "wd", mesh=mesh_of(1))
     rows = [json.loads(line) for line in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["adversarial"] == pytest.approx(rows[0]["misdirection"], rel=1e-6)
     assert rows[-1]["adversarial"] > 1.05 * rows[-1]["misdirection"]

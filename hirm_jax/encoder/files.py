@@ -32,10 +32,17 @@ class WeightsError(HirmError, ValueError):
 
 
 def read_safetensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, np.ndarray]:
-    """The tensors of one .safetensors file whose names pass `keep` (only those are read)."""
+    """The tensors of one .safetensors file whose names pass `keep` (only those are read);
+    bfloat16 ones (numpy has no such type) upcast exactly to float32."""
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {key: f.get_tensor(key) for key in f.keys() if keep(key)}
+            keys = [key for key in f.keys() if keep(key)]
+            bf16 = {key for key in keys if f.get_slice(key).get_dtype() == "BF16"}
+            tensors = {key: f.get_tensor(key) for key in keys if key not in bf16}
+        if bf16:
+            with safe_open(str(path), framework="flax") as f:
+                tensors.update({key: np.asarray(f.get_tensor(key)).astype(np.float32) for key in bf16})
+        return {key: tensors[key] for key in keys}
     except Exception as e:  # safetensors raises several types for corrupt/truncated files
         raise WeightsError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
 
@@ -87,31 +94,38 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The files a transformers folder's weights are read from, in order of preference:
-    model.safetensors, else model.safetensors.index.json and its shards, else pytorch_model.bin."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        return [folder / WEIGHTS_INDEX_NAME, *(folder / shard for shard in sorted(set(weight_map(folder).values())))]
-    if (folder / PICKLE_WEIGHTS_NAME).is_file():
-        return [folder / PICKLE_WEIGHTS_NAME]
-    raise WeightsError(f"{folder} has config.json but no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or "
-                       f"{PICKLE_WEIGHTS_NAME}; found {sorted(p.name for p in folder.iterdir())}")
+DIFFUSERS_MODEL = "diffusion_pytorch_model"  # diffusers' file stem; transformers' is "model"
 
 
-def read_weight_files(folder: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The state dict of a transformers folder (see `weight_files`; a pickle only with allow_pickle)."""
-    first = weight_files(folder)[0]
-    if first.name == WEIGHTS_NAME:
+def weight_files(folder: Path, stem: str = "model") -> list[Path]:
+    """The files a transformers (stem "model") or diffusers (stem DIFFUSERS_MODEL) folder's
+    weights are read from, in order of preference: STEM.safetensors, else
+    STEM.safetensors.index.json and its shards, else the pickle (pytorch_model.bin / STEM.bin)."""
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    pickle = folder / (PICKLE_WEIGHTS_NAME if stem == "model" else f"{stem}.bin")
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        return [index, *(folder / shard for shard in sorted(set(weight_map(folder, stem).values())))]
+    if pickle.is_file():
+        return [pickle]
+    raise WeightsError(f"{folder} has config.json but no {single.name}, {index.name} or {pickle.name}; "
+                       f"found {sorted(p.name for p in folder.iterdir())}")
+
+
+def read_weight_files(folder: Path, allow_pickle: bool = False, stem: str = "model") -> dict[str, np.ndarray]:
+    """The state dict of a transformers or diffusers folder (see `weight_files`; a pickle only
+    with allow_pickle)."""
+    first = weight_files(folder, stem)[0]
+    if first.name.endswith(".index.json"):
+        return read_sharded(folder, stem)
+    if first.suffix == ".safetensors":
         return read_safetensors(first)
-    if first.name == WEIGHTS_INDEX_NAME:
-        return read_sharded(folder)
     return read_pickle(first, allow_pickle)
 
 
-def weight_map(folder: Path) -> dict[str, str]:
-    index_path = folder / WEIGHTS_INDEX_NAME
+def weight_map(folder: Path, stem: str = "model") -> dict[str, str]:
+    index_path = folder / f"{stem}.safetensors.index.json"
     try:
         weight_map = read_json(index_path)["weight_map"]
         if not isinstance(weight_map, dict):
@@ -121,9 +135,9 @@ def weight_map(folder: Path) -> dict[str, str]:
         raise WeightsError(f"{index_path} must be JSON with a 'weight_map' object but is not: {e}") from e
 
 
-def read_sharded(folder: Path) -> dict[str, np.ndarray]:
-    index_path = folder / WEIGHTS_INDEX_NAME
-    listed_shards = weight_map(folder)
+def read_sharded(folder: Path, stem: str = "model") -> dict[str, np.ndarray]:
+    index_path = folder / f"{stem}.safetensors.index.json"
+    listed_shards = weight_map(folder, stem)
     state: dict[str, np.ndarray] = {}
     for shard in sorted(set(listed_shards.values())):
         if not (folder / shard).is_file():
@@ -131,7 +145,7 @@ def read_sharded(folder: Path) -> dict[str, np.ndarray]:
         listed = {k for k, v in listed_shards.items() if v == shard}
         tensors = read_safetensors(folder / shard)
         if set(tensors) != listed:
-            raise WeightsError(f"shard {shard} does not hold what {WEIGHTS_INDEX_NAME} lists: missing "
+            raise WeightsError(f"shard {shard} does not hold what {index_path.name} lists: missing "
                                f"{sorted(listed - set(tensors))[:8]}, unlisted {sorted(set(tensors) - listed)[:8]}")
         state.update(tensors)
     return state

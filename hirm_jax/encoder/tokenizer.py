@@ -179,3 +179,19 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENG
                                      f"but has {n}: {prompt!r}", prompt, n)
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=False, return_tensors="np")
     return dict(input_ids=batch["input_ids"].astype(np.int32), attention_mask=batch["attention_mask"].astype(np.int32))
+
+
+def prompt_ids(tokenizer, prompts, length: int = 77) -> np.ndarray:
+    """[N, length] token ids of prompts given as strings or as id rows (BOS ... EOS and padding:
+    what `hirm-jax attack` writes; checked: length, vocabulary)."""
+    prompts = list(prompts)
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(encode_prompts(tokenizer, texts, length)["input_ids"] if texts else ())
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = next(encoded) if isinstance(prompt, str) else np.asarray(prompt, np.int64)
+        if row.shape != (length,) or row.min() < 0 or row.max() >= len(tokenizer):
+            raise ValueError(f"prompt {i} given as token ids must be {length} ids in [0, {len(tokenizer)}) but has "
+                             f"shape {row.shape} and range [{row.min()}, {row.max()}]")
+        rows.append(row)
+    return np.stack(rows).astype(np.int32) if rows else np.zeros((0, length), np.int32)

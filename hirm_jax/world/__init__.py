@@ -42,6 +42,7 @@ WORLD_FILES = (
     "scheduler/scheduler_config.json",
     "judge/judge_config.json", "judge/judge.safetensors",
 )
+BACKENDS = ("torch", "jax")  # how `generate` draws pictures
 REBUILD = "rebuild it with `hirm-jax world train --out DIR` and pass that folder to load_world(DIR)"
 
 
@@ -116,17 +117,27 @@ def load_world(path: Optional[str | Path] = None, verify: bool = True) -> World:
 
 
 def generate(world: World, text_encoder=None, prompts=(), seeds=(), steps: Optional[int] = None,
-             guidance: Optional[float] = None, batch_size: int = 128, torch_threads: Optional[int] = 1):
+             guidance: Optional[float] = None, batch_size: int = 128, torch_threads: Optional[int] = 1,
+             backend: str = "torch"):
     """Pictures [N, 32, 32, 3] uint8, one per (prompt, seed); a picture does not depend on its batch.
 
     text_encoder: None (the world's own), a PyTorch CLIPTextModel, or a transformers folder
-    (e.g. an erased encoder saved by hirm_jax). The empty prompt for classifier-free guidance
-    goes through the same encoder, as in SD pipelines.
+    (e.g. an erased encoder saved by hirm_jax); with backend="jax" a folder or a Flax
+    TextEncoder. The empty prompt for classifier-free guidance goes through the same encoder,
+    as in SD pipelines.
+    backend: "torch" (diffusers) or "jax" (hirm_jax.world.sample_jax: Flax UNet, no torch; its
+    noise is a different stream, so its pictures differ from torch's for the same seeds).
     torch_threads: PyTorch threads while generating (restored afterwards); None leaves them
     alone. One by default: once JAX has run in the process, PyTorch with 2 threads on a
     2-core machine was measured 3-40x slower than with 1 (the thread pools fight).
     """
     import copy
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} but is {backend!r}")
+    if backend == "jax":
+        from hirm_jax.world.sample_jax import generate_jax
+        return generate_jax(world, text_encoder, prompts, seeds, steps, guidance, batch_size)
 
     import torch
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from hirm_jax import log
+from hirm_jax.encoder.tokenizer import prompt_ids
 
 _log = log.get(__name__)
 
@@ -65,23 +66,6 @@ def embed_prompts(tokenizer, text_encoder, prompts, batch_size: int = 256) -> to
     ids = torch.from_numpy(prompt_ids(tokenizer, prompts)).long()
     return torch.cat([text_encoder(ids[i:i + batch_size]).last_hidden_state.float()
                       for i in range(0, len(ids), batch_size)])
-
-
-def prompt_ids(tokenizer, prompts, length: int = 77) -> np.ndarray:
-    """[N, length] token ids of prompts given as strings or as id rows (checked: length, vocabulary)."""
-    from hirm_jax.encoder.tokenizer import encode_prompts
-
-    prompts = list(prompts)
-    texts = [p for p in prompts if isinstance(p, str)]
-    encoded = iter(encode_prompts(tokenizer, texts, length)["input_ids"] if texts else ())
-    rows = []
-    for i, prompt in enumerate(prompts):
-        row = next(encoded) if isinstance(prompt, str) else np.asarray(prompt, np.int64)
-        if row.shape != (length,) or row.min() < 0 or row.max() >= len(tokenizer):
-            raise ValueError(f"prompt {i} given as token ids must be {length} ids in [0, {len(tokenizer)}) but has "
-                             f"shape {row.shape} and range [{row.min()}, {row.max()}]")
-        rows.append(row)
-    return np.stack(rows).astype(np.int32) if rows else np.zeros((0, length), np.int32)
 
 
 def build_unet(**overrides) -> UNet2DConditionModel:

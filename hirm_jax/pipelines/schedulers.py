@@ -1,0 +1,125 @@
+"""Schedulers as pure functions with array state, equal to diffusers' step for step, and the
+sampling loop as one `lax.scan` (compiled once per pipeline, shape, steps and scheduler).
+
+    scheduler = ddim_from_config(json.load(open("scheduler/scheduler_config.json")), steps=25)
+    x = sample(denoise, scheduler, latents)        # denoise(x, t) -> model output, e.g. with CFG
+
+Built: DDIM (eta = 0; epsilon / v_prediction / sample; leading / trailing / linspace spacing,
+steps_offset, set_alpha_to_one, clip_sample; linear / scaled_linear / squaredcos_cap_v2 betas).
+Any other scheduler class or setting is a SchedulerError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hirm_jax.errors import HirmError
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+class SchedulerError(HirmError, ValueError):
+    """A scheduler or scheduler setting this module does not implement."""
+
+
+def betas(config: dict) -> np.ndarray:
+    """[T] float32 betas as diffusers computes them."""
+    count, schedule = config.get("num_train_timesteps", 1000), config.get("beta_schedule", "linear")
+    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], np.float32)
+    if schedule == "linear":
+        return np.linspace(start, end, count, dtype=np.float32)
+    if schedule == "scaled_linear":
+        return np.linspace(start ** 0.5, end ** 0.5, count, dtype=np.float32) ** 2
+    if schedule == "squaredcos_cap_v2":
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - alpha_bar((i + 1) / count) / alpha_bar(i / count), 0.999) for i in range(count)],
+                        np.float32)
+    raise SchedulerError(f"beta_schedule must be one of {list(BETA_SCHEDULES)} but is {schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIM:
+    """DDIM with eta = 0, as arrays: per inference step i, its timestep and the cumulative alphas
+    at it and at the previous timestep."""
+    timesteps: np.ndarray  # [S] int
+    alpha: np.ndarray  # [S] alphas_cumprod[t]
+    alpha_prev: np.ndarray  # [S] alphas_cumprod[t - T // S], or the final alpha
+    prediction_type: str
+    clip_sample: float  # 0: no clipping
+    init_noise_sigma: float = 1.0
+
+    def step(self, i, model_output, sample):
+        """x_{t-1} from x_t and the model's output at inference step i (a traced int is fine)."""
+        a, a_prev = jnp.asarray(self.alpha)[i], jnp.asarray(self.alpha_prev)[i]
+        b = 1 - a
+        if self.prediction_type == "epsilon":
+            x0, eps = (sample - b ** 0.5 * model_output) / a ** 0.5, model_output
+        elif self.prediction_type == "v_prediction":
+            x0, eps = a ** 0.5 * sample - b ** 0.5 * model_output, a ** 0.5 * model_output + b ** 0.5 * sample
+        else:
+            x0 = model_output
+            eps = (sample - a ** 0.5 * x0) / b ** 0.5
+        if self.clip_sample:
+            x0 = jnp.clip(x0, -self.clip_sample, self.clip_sample)
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+
+
+def inference_timesteps(config: dict, steps: int) -> np.ndarray:
+    count, spacing = config.get("num_train_timesteps", 1000), config.get("timestep_spacing", "leading")
+    if not 1 <= steps <= count:
+        raise SchedulerError(f"steps must be in [1, {count}] (num_train_timesteps) but is {steps}")
+    if spacing == "linspace":
+        return np.linspace(0, count - 1, steps).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(steps) * (count // steps)).round()[::-1].astype(np.int64) + config.get("steps_offset", 0)
+    if spacing == "trailing":
+        return np.round(np.arange(count, 0, -count / steps)).astype(np.int64) - 1
+    raise SchedulerError(f"timestep_spacing must be one of {list(SPACINGS)} but is {spacing!r}")
+
+
+def ddim_from_config(config: dict, steps: int) -> DDIM:
+    """A DDIM scheduler from a diffusers scheduler_config.json (any SD scheduler's config is
+    accepted and read as DDIM's, as diffusers' `DDIMScheduler.from_config` does)."""
+    for field, default in (("thresholding", False), ("rescale_betas_zero_snr", False)):
+        if config.get(field, default):
+            raise SchedulerError(f"scheduler {field}={config[field]!r} is not implemented (supported: {default!r})")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise SchedulerError(f"prediction_type must be one of {list(PREDICTIONS)} but is {prediction!r}")
+    alphas_cumprod = np.cumprod(1.0 - betas(config), dtype=np.float32)
+    final = np.float32(1.0) if config.get("set_alpha_to_one", True) else alphas_cumprod[0]
+    timesteps = inference_timesteps(config, steps)
+    prev = timesteps - config.get("num_train_timesteps", 1000) // steps
+    alpha_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final).astype(np.float32)
+    clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else 0.0
+    return DDIM(timesteps, alphas_cumprod[timesteps], alpha_prev, prediction, float(clip))
+
+
+def sample(denoise: Callable, scheduler: DDIM, latents: jax.Array) -> jax.Array:
+    """Run the scheduler from `latents` (already scaled by init_noise_sigma): one lax.scan over
+    the inference steps; denoise(x, t) -> the model output at timestep t (guidance inside)."""
+    timesteps = jnp.asarray(scheduler.timesteps)
+
+    def body(x, i):
+        return scheduler.step(i, denoise(x, timesteps[i]), x), None
+    return jax.lax.scan(body, latents, jnp.arange(len(scheduler.timesteps)))[0]
+
+
+def guided(model: Callable, cond, uncond, guidance: float) -> Callable:
+    """Classifier-free guidance in one batched pass: model(x2, t, context2) over [uncond; cond]."""
+    context = jnp.concatenate([uncond, cond])
+
+    def denoise(x, t):
+        pred_uncond, pred_cond = jnp.split(model(jnp.concatenate([x, x]), t, context), 2)
+        return pred_uncond + guidance * (pred_cond - pred_uncond)
+    return denoise
