@@ -350,9 +350,11 @@ def demo_main(argv: Sequence[str]) -> int:
     parser.add_argument("--workdir", default="workdirs/demo")
     parser.add_argument("--seeds-per-cell", type=int, default=5)
     parser.add_argument("--world", help="a world folder (default: the shipped one)")
+    parser.add_argument("--backend", default="torch", choices=("torch", "jax"),
+                        help="how pictures are drawn: torch (diffusers) or jax (Flax UNet; another noise stream)")
     args = parser.parse_args(argv)
     enable_compilation_cache()
-    run_demo(args.concept, args.method, args.workdir, args.seeds_per_cell, args.world)
+    run_demo(args.concept, args.method, args.workdir, args.seeds_per_cell, args.world, args.backend)
     return 0
 
 

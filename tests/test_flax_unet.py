@@ -172,3 +172,30 @@ def test_the_worlds_pictures_through_jax_equal_the_torch_ones_given_the_same_noi
     assert np.abs(one_device.astype(int) - ours.astype(int)).max() <= 1
     drawn = w.generate(world, None, prompts[:2], seeds[:2], backend="jax")  # noise from jax.random
     assert drawn.shape == (2, 32, 32, 3) and not np.array_equal(drawn, reference[:2])
+
+
+@pytest.mark.parametrize("config", [
+    dict(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1,
+         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),  # SD
+    dict(block_out_channels=(4,), latent_channels=1, norm_num_groups=1, layers_per_block=1, use_quant_conv=False,
+         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))])  # Flux: shift, no quant convs
+def test_the_flax_vae_decodes_as_diffusers_with_its_scaling_and_shift(config, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from hirm_jax.pipelines.diffusers_weights import load_vae
+    from hirm_jax.pipelines.vae import to_uint8
+    torch.manual_seed(0)
+    model = AutoencoderKL(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(tmp_path / "vae"))
+    latents = torch.randn(2, config["latent_channels"], 8, 8)
+    with torch.no_grad():  # what a diffusers pipeline does with its final latents
+        expected = model.decode(latents / model.config.scaling_factor + (model.config.shift_factor or 0)).sample
+    got = np.asarray(load_vae(tmp_path / "vae").decode(jnp.asarray(latents.numpy())))
+    assert np.abs(got - expected.numpy()).max() <= 1e-4 * np.abs(expected.numpy()).max()
+    from diffusers.image_processor import VaeImageProcessor
+    pil = VaeImageProcessor().postprocess(expected, output_type="np")
+    assert np.abs(to_uint8(got).astype(int) - np.round(pil * 255).astype(int)).max() <= 1

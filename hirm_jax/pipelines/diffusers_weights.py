@@ -17,6 +17,7 @@ in the dtype asked for, so a load -> save round trip gives the same bytes.
 
     unet = load_unet("/models/sd15/unet")
     save_unet(unet, "out/unet", dtype="float16")
+    vae = load_vae("/models/sd15/vae")                 # the decoding half (encoder keys skipped)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from hirm_jax.encoder.files import DIFFUSERS_MODEL, WeightsError, read_json, read_weight_files
 from hirm_jax.fileio import atomic_dir, save_safetensors
 from hirm_jax.pipelines.unet import UNet, UNetConfig, UNet2DConditionModel
+from hirm_jax.pipelines.vae import VAE, Decoder, VAEConfig
 
 LEAF_RULES: dict[tuple[str, int], tuple[str, Callable, Callable]] = {
     ("kernel", 4): ("weight", lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),
@@ -55,9 +57,11 @@ def _rule(path: tuple, ndim: int) -> tuple[str, str, Callable, Callable]:
     return ".".join((*path[:-1], name)), name, to_flax, to_diffusers
 
 
-def diffusers_to_flax(state: dict[str, np.ndarray], abstract: dict, where: str) -> dict:
+def diffusers_to_flax(state: dict[str, np.ndarray], abstract: dict, where: str, skip: tuple = ()) -> dict:
     """Nested Flax params (float32) from a diffusers state dict, checked against `abstract`
-    (jax.eval_shape of the module's init params)."""
+    (jax.eval_shape of the module's init params); keys starting with a `skip` prefix (parts
+    of the model not built, e.g. the VAE's encoder) are left out."""
+    state = {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
     leaves = _leaves(abstract)
     keys = {path: _rule(path, len(leaf.shape))[0] for path, leaf in leaves.items()}
     missing = sorted(set(keys.values()) - set(state))
@@ -104,19 +108,40 @@ def unet_abstract(config: UNetConfig) -> dict:
     return jax.eval_shape(init)
 
 
-def load_unet(folder: str | os.PathLike, dtype: str = "float32") -> UNet:
-    """A diffusers UNet2DConditionModel folder (config.json + diffusion_pytorch_model.safetensors
-    or its sharded index) as a Flax UNet computing in `dtype`; pickles are never read."""
+def vae_abstract(config: VAEConfig) -> dict:
+    size = 2 ** (len(config.block_out_channels) - 1)
+    return jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0),
+                                                       jnp.zeros((1, size, size, config.latent_channels)))["params"])
+
+
+def _read_folder(folder: str | os.PathLike, class_name: str) -> tuple[Path, dict]:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise WeightsError(f"{folder} is not a diffusers model folder: it has no config.json")
     raw = read_json(folder / "config.json")
-    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise WeightsError(f"{folder}/config.json describes a {raw['_class_name']}, not a UNet2DConditionModel")
+    if raw.get("_class_name", class_name) != class_name:
+        raise WeightsError(f"{folder}/config.json describes a {raw['_class_name']}, not a {class_name}")
+    return folder, raw
+
+
+def _params(folder: Path, abstract: dict, skip: tuple = ()) -> dict:
+    state = read_weight_files(folder, allow_pickle=False, stem=DIFFUSERS_MODEL)  # pickles are never read
+    return jax.tree_util.tree_map(jnp.asarray, diffusers_to_flax(state, abstract, str(folder), skip))
+
+
+def load_unet(folder: str | os.PathLike, dtype: str = "float32") -> UNet:
+    """A diffusers UNet2DConditionModel folder (config.json + diffusion_pytorch_model.safetensors
+    or its sharded index) as a Flax UNet computing in `dtype`."""
+    folder, raw = _read_folder(folder, "UNet2DConditionModel")
     config = UNetConfig.from_diffusers(raw, dtype)
-    params = diffusers_to_flax(read_weight_files(folder, allow_pickle=False, stem=DIFFUSERS_MODEL),
-                               unet_abstract(config), str(folder))
-    return UNet(config, jax.tree_util.tree_map(jnp.asarray, params), raw)
+    return UNet(config, _params(folder, unet_abstract(config)), raw)
+
+
+def load_vae(folder: str | os.PathLike, dtype: str = "float32") -> VAE:
+    """A diffusers AutoencoderKL folder's decoding half as a Flax VAE computing in `dtype`."""
+    folder, raw = _read_folder(folder, "AutoencoderKL")
+    config = VAEConfig.from_diffusers(raw, dtype)
+    return VAE(config, _params(folder, vae_abstract(config), skip=("encoder.", "quant_conv.")), raw)
 
 
 def save_unet(unet: UNet, out_dir: str | os.PathLike, dtype: str = "float32", overwrite: bool = False) -> Path:

@@ -137,15 +137,15 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, sh
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def _dense(features: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:
+def dense(features: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
 
 
-def _conv(features: int, name: str, dtype, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Conv:
+def conv(features: int, name: str, dtype, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Conv:
     return nn.Conv(features, (kernel, kernel), (stride, stride), ((padding, padding),) * 2, dtype=dtype, name=name)
 
 
-def _group_norm(groups: int, eps: float, name: str, dtype) -> nn.GroupNorm:
+def group_norm(groups: int, eps: float, name: str, dtype) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
@@ -155,26 +155,33 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.silu(_dense(self.features, "linear_1", self.dtype)(x))
-        return _dense(self.features, "linear_2", self.dtype)(x)
+        x = nn.silu(dense(self.features, "linear_1", self.dtype)(x))
+        return dense(self.features, "linear_2", self.dtype)(x)
 
 
 class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D ("default" time embedding norm; no time embedding in a VAE)."""
     features: int
-    config: UNetConfig
+    groups: int
+    eps: float
+    dtype: Any
     output_scale_factor: float = 1.0
 
     @nn.compact
-    def __call__(self, x, temb):
-        cfg, dtype = self.config, DTYPES[self.config.dtype]
-        h = nn.silu(_group_norm(cfg.norm_num_groups, cfg.norm_eps, "norm1", dtype)(x))
-        h = _conv(self.features, "conv1", dtype)(h)
-        h = h + _dense(self.features, "time_emb_proj", dtype)(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(_group_norm(cfg.norm_num_groups, cfg.norm_eps, "norm2", dtype)(h))
-        h = _conv(self.features, "conv2", dtype)(h)
+    def __call__(self, x, temb=None):
+        h = nn.silu(group_norm(self.groups, self.eps, "norm1", self.dtype)(x))
+        h = conv(self.features, "conv1", self.dtype)(h)
+        if temb is not None:
+            h = h + dense(self.features, "time_emb_proj", self.dtype)(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
+        h = conv(self.features, "conv2", self.dtype)(h)
         if x.shape[-1] != self.features:
-            x = _conv(self.features, "conv_shortcut", dtype, kernel=1, padding=0)(x)
+            x = conv(self.features, "conv_shortcut", self.dtype, kernel=1, padding=0)(x)
         return (x + h) / self.output_scale_factor
+
+
+def _resnet(features: int, cfg: UNetConfig, scale: float, name: str) -> ResnetBlock2D:
+    return ResnetBlock2D(features, cfg.norm_num_groups, cfg.norm_eps, DTYPES[cfg.dtype], scale, name=name)
 
 
 class Attention(nn.Module):
@@ -183,18 +190,19 @@ class Attention(nn.Module):
     heads: int
     features: int
     dtype: Any
+    qkv_bias: bool = False  # True in the VAE's attention
 
     @nn.compact
     def __call__(self, x, context=None):
         context = x if context is None else context
-        q, k, v = (_dense(self.features, n, self.dtype, use_bias=False)(y)
+        q, k, v = (dense(self.features, n, self.dtype, use_bias=self.qkv_bias)(y)
                    for n, y in (("to_q", x), ("to_k", context), ("to_v", context)))
         split = lambda t: t.reshape(*t.shape[:2], self.heads, self.features // self.heads)
         q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.features // self.heads)
         weights = jax.nn.softmax(scores, -1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:2], self.features)
-        return _dense(self.features, "to_out.0", self.dtype)(out)
+        return dense(self.features, "to_out.0", self.dtype)(out)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -207,8 +215,8 @@ class BasicTransformerBlock(nn.Module):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name=name)
         x = x + Attention(self.heads, self.features, self.dtype, name="attn1")(norm("norm1")(x))
         x = x + Attention(self.heads, self.features, self.dtype, name="attn2")(norm("norm2")(x), context)
-        hidden, gate = jnp.split(_dense(8 * self.features, "ff.net.0.proj", self.dtype)(norm("norm3")(x)), 2, -1)
-        return x + _dense(self.features, "ff.net.2", self.dtype)(hidden * jax.nn.gelu(gate, approximate=False))
+        hidden, gate = jnp.split(dense(8 * self.features, "ff.net.0.proj", self.dtype)(norm("norm3")(x)), 2, -1)
+        return x + dense(self.features, "ff.net.2", self.dtype)(hidden * jax.nn.gelu(gate, approximate=False))
 
 
 class Transformer2DModel(nn.Module):
@@ -220,9 +228,9 @@ class Transformer2DModel(nn.Module):
     def __call__(self, x, context):
         cfg, dtype = self.config, DTYPES[self.config.dtype]
         b, hgt, wid, c = x.shape
-        h = _group_norm(cfg.norm_num_groups, 1e-6, "norm", dtype)(x)
-        project = (lambda n: _dense(c, n, dtype)) if cfg.use_linear_projection else (
-            lambda n: _conv(c, n, dtype, kernel=1, padding=0))
+        h = group_norm(cfg.norm_num_groups, 1e-6, "norm", dtype)(x)
+        project = (lambda n: dense(c, n, dtype)) if cfg.use_linear_projection else (
+            lambda n: conv(c, n, dtype, kernel=1, padding=0))
         if cfg.use_linear_projection:
             h = project("proj_in")(h.reshape(b, hgt * wid, c))
         else:
@@ -236,10 +244,11 @@ class Transformer2DModel(nn.Module):
         return h + x
 
 
-def _upsample(x, features: int, dtype, name: str):
+def upsample(x, features: int, dtype, name: str):
+    """Nearest 2x, then a 3x3 conv (diffusers' Upsample2D)."""
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)  # nearest
-    return _conv(features, name, dtype)(x)
+    return conv(features, name, dtype)(x)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -254,22 +263,22 @@ class UNet2DConditionModel(nn.Module):
         temb = TimestepEmbedding(4 * channels[0], dtype, name="time_embedding")(temb)
         if cfg.addition_embed_type == "text_time":
             temb = temb + self._added_embedding(added, dtype)
-        h = _conv(channels[0], "conv_in", dtype)(sample.astype(dtype))
+        h = conv(channels[0], "conv_in", dtype)(sample.astype(dtype))
         skips = [h]
         for i, kind in enumerate(cfg.down_block_types):
             h, outputs = self._down_block(i, kind, h, temb, context)
             skips += outputs
         if cfg.mid_block_type:
-            h = ResnetBlock2D(channels[-1], cfg, cfg.mid_block_scale_factor, name="mid_block.resnets.0")(h, temb)
+            h = _resnet(channels[-1], cfg, cfg.mid_block_scale_factor, "mid_block.resnets.0")(h, temb)
             h = Transformer2DModel(cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1], cfg,
                                    name="mid_block.attentions.0")(h, context)
-            h = ResnetBlock2D(channels[-1], cfg, cfg.mid_block_scale_factor, name="mid_block.resnets.1")(h, temb)
+            h = _resnet(channels[-1], cfg, cfg.mid_block_scale_factor, "mid_block.resnets.1")(h, temb)
         for i, kind in enumerate(cfg.up_block_types):
             count = cfg.layers_per_block + 1
             h = self._up_block(i, kind, h, skips[-count:], temb, context)
             skips = skips[:-count]
-        h = nn.silu(_group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", dtype)(h))
-        return _conv(cfg.out_channels, "conv_out", dtype)(h)
+        h = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", dtype)(h))
+        return conv(cfg.out_channels, "conv_out", dtype)(h)
 
     def _added_embedding(self, added: Optional[dict], dtype):
         cfg = self.config
@@ -286,13 +295,13 @@ class UNet2DConditionModel(nn.Module):
         cfg, dtype = self.config, DTYPES[self.config.dtype]
         features, outputs = cfg.block_out_channels[i], []
         for j in range(cfg.layers_per_block):
-            h = ResnetBlock2D(features, cfg, cfg.resnet_out_scale_factor, name=f"down_blocks.{i}.resnets.{j}")(h, temb)
+            h = _resnet(features, cfg, cfg.resnet_out_scale_factor, f"down_blocks.{i}.resnets.{j}")(h, temb)
             if kind == "CrossAttnDownBlock2D":
                 h = Transformer2DModel(cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i], cfg,
                                        name=f"down_blocks.{i}.attentions.{j}")(h, context)
             outputs.append(h)
         if i < len(cfg.block_out_channels) - 1:
-            h = _conv(features, f"down_blocks.{i}.downsamplers.0.conv", dtype, stride=2,
+            h = conv(features, f"down_blocks.{i}.downsamplers.0.conv", dtype, stride=2,
                       padding=cfg.downsample_padding)(h)
             outputs.append(h)
         return h, outputs
@@ -304,12 +313,12 @@ class UNet2DConditionModel(nn.Module):
         features = cfg.block_out_channels[::-1][i]
         for j, skip in enumerate(reversed(skips)):
             h = jnp.concatenate([h, skip], -1)
-            h = ResnetBlock2D(features, cfg, cfg.resnet_out_scale_factor, name=f"up_blocks.{i}.resnets.{j}")(h, temb)
+            h = _resnet(features, cfg, cfg.resnet_out_scale_factor, f"up_blocks.{i}.resnets.{j}")(h, temb)
             if kind == "CrossAttnUpBlock2D":
                 h = Transformer2DModel(reversed_heads[i], reversed_layers[i], cfg,
                                        name=f"up_blocks.{i}.attentions.{j}")(h, context)
         if i < len(cfg.block_out_channels) - 1:
-            h = _upsample(h, features, dtype, f"up_blocks.{i}.upsamplers.0.conv")
+            h = upsample(h, features, dtype, f"up_blocks.{i}.upsamplers.0.conv")
         return h
 
 

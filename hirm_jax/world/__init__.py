@@ -43,6 +43,9 @@ WORLD_FILES = (
     "judge/judge_config.json", "judge/judge.safetensors",
 )
 BACKENDS = ("torch", "jax")  # how `generate` draws pictures
+# PyTorch threads while generating: once JAX has run in the process, PyTorch with 2 threads on a
+# 2-core machine was measured 3-40x slower than with 1 (the thread pools fight).
+TORCH_THREADS = 1
 REBUILD = "rebuild it with `hirm-jax world train --out DIR` and pass that folder to load_world(DIR)"
 
 
@@ -61,6 +64,7 @@ class World:
     unet: Any                 # diffusers UNet2DConditionModel (float32, eval)
     scheduler: Any            # diffusers DDIMScheduler
     judge: Any                # hirm_jax.world.judge.Judge
+    backend: str = "torch"    # how `generate` draws pictures by default (BACKENDS)
     _text_encoder: Any = None
 
     @property
@@ -93,8 +97,9 @@ def _check(path: Path, verify: bool) -> dict:
     return config
 
 
-def load_world(path: Optional[str | Path] = None, verify: bool = True) -> World:
-    """Load a world folder (default: the one shipped with the package), checking every file."""
+def load_world(path: Optional[str | Path] = None, verify: bool = True, backend: str = "torch") -> World:
+    """Load a world folder (default: the one shipped with the package), checking every file;
+    `backend` is how its pictures are drawn (`generate`)."""
     from transformers import CLIPTokenizer
     from diffusers import DDIMScheduler, UNet2DConditionModel
     import torch
@@ -113,12 +118,13 @@ def load_world(path: Optional[str | Path] = None, verify: bool = True) -> World:
     if tokenizer.model_max_length != 77:
         raise WorldError(f"tokenizer in {path} must have model_max_length 77 but has "
                          f"{tokenizer.model_max_length}; {REBUILD}")
-    return World(path, config, tokenizer, path / "text_encoder", unet, scheduler, judge)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} but is {backend!r}")
+    return World(path, config, tokenizer, path / "text_encoder", unet, scheduler, judge, backend)
 
 
 def generate(world: World, text_encoder=None, prompts=(), seeds=(), steps: Optional[int] = None,
-             guidance: Optional[float] = None, batch_size: int = 128, torch_threads: Optional[int] = 1,
-             backend: str = "torch"):
+             guidance: Optional[float] = None, batch_size: int = 128, backend: Optional[str] = None):
     """Pictures [N, 32, 32, 3] uint8, one per (prompt, seed); a picture does not depend on its batch.
 
     text_encoder: None (the world's own), a PyTorch CLIPTextModel, or a transformers folder
@@ -126,13 +132,13 @@ def generate(world: World, text_encoder=None, prompts=(), seeds=(), steps: Optio
     TextEncoder. The empty prompt for classifier-free guidance goes through the same encoder,
     as in SD pipelines.
     backend: "torch" (diffusers) or "jax" (hirm_jax.world.sample_jax: Flax UNet, no torch; its
-    noise is a different stream, so its pictures differ from torch's for the same seeds).
-    torch_threads: PyTorch threads while generating (restored afterwards); None leaves them
-    alone. One by default: once JAX has run in the process, PyTorch with 2 threads on a
-    2-core machine was measured 3-40x slower than with 1 (the thread pools fight).
+    noise is a different stream, so its pictures differ from torch's for the same seeds);
+    None: the world's (`load_world(backend=...)`).
+    PyTorch generates with TORCH_THREADS threads (restored afterwards).
     """
     import copy
 
+    backend = backend or world.backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)} but is {backend!r}")
     if backend == "jax":
@@ -150,8 +156,7 @@ def generate(world: World, text_encoder=None, prompts=(), seeds=(), steps: Optio
     steps = steps or world.config["sample_steps"]
     guidance = world.config["guidance"] if guidance is None else guidance
     previous = torch.get_num_threads()
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
+    torch.set_num_threads(TORCH_THREADS)
     try:
         embeddings = embed_prompts(world.tokenizer, encoder, prompts + [""])
         return sample_images(world.unet, copy.deepcopy(world.scheduler), embeddings[:-1], embeddings[-1],

@@ -106,19 +106,21 @@ class _Bench:
 
 
 def run_benchmark(out_dir: str | Path, methods: Sequence[str] = PAPER_METHODS, concepts: Sequence[str] = (),
-                  seeds_per_cell: int = 2, world_path=None, preservation_weight=None, attacks: Sequence[str] = (),
+                  seeds_per_cell: int = 2, world=None, preservation_weight=None, attacks: Sequence[str] = (),
                   attack_seeds: int = 1) -> dict:
-    """`preservation_weight` overrides the demo's (10); 0 gives the methods as the paper has them.
+    """`world`: a world folder or a loaded World (default: the shipped one, pictures by torch).
+    `preservation_weight` overrides the demo's (10); 0 gives the methods as the paper has them.
     `attacks` (attack_success.ATTACKS names) are run `attack_seeds` times on every single-concept erasure."""
     from hirm_jax import provenance
     from hirm_jax import world as w
     from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
     from hirm_jax.world.demo import benchmark_grid, figures, judged_rows
     out_dir = Path(out_dir)
-    check_output_location(out_dir, {"--world": world_path or w.SHIPPED})
+    check_output_location(out_dir, {"--world": world.path if isinstance(world, w.World) else world or w.SHIPPED})
     concepts = list(concepts) or list(w.OBJECTS + w.STYLES)
     _check_arguments(concepts, methods, seeds_per_cell, attacks)
-    world = w.load_world(world_path)  # every file checked before anything is written
+    if not isinstance(world, w.World):
+        world = w.load_world(world)  # every file checked before anything is written
     bench = _Bench(world, benchmark_grid(seeds_per_cell), concepts, out_dir, preservation_weight, {}, tuple(attacks),
                    attack_seeds)
     t0 = time.perf_counter()
@@ -263,6 +265,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
+    from hirm_jax import world as w
     parser = argparse.ArgumentParser(prog="hirm-jax eval --suite=demo-world", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="demo-world")
     parser.add_argument("--out", default="workdirs/demo-world")
@@ -273,7 +276,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--preservation-weight", type=float, help="override the demo's 10 (0: the paper's methods)")
     parser.add_argument("--attacks", nargs="*", default=[], help="world prompt attacks: gcg_k1 gcg_k4 continuous probe")
     parser.add_argument("--attack-seeds", type=int, default=1)
+    parser.add_argument("--backend", default="torch", choices=w.BACKENDS,
+                        help="how pictures are drawn: torch (diffusers) or jax (Flax UNet; another noise stream)")
     args = parser.parse_args(argv)
-    run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, args.world, args.preservation_weight,
+    world = w.load_world(args.world, backend=args.backend)
+    run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, world, args.preservation_weight,
                   args.attacks, args.attack_seeds)
     return 0

@@ -119,7 +119,7 @@ def figures(rows: list[dict]) -> dict:
 
 
 def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: str | Path = "workdirs/demo",
-             seeds_per_cell: int = 5, world_path: Optional[str] = None) -> dict:
+             seeds_per_cell: int = 5, world_path: Optional[str] = None, backend: str = "torch") -> dict:
     from hirm_jax import world as w
     timings, t0 = {}, time.perf_counter()
     kind = concept_kind(concept)
@@ -127,7 +127,7 @@ def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: st
         raise ConfigError(f"method must be one of {list(METHODS)} but is {method!r}")
     workdir = Path(workdir)
     _log.info(f"[demo] loading the demo world ({world_path or 'shipped'})")
-    world = w.load_world(world_path)
+    world = w.load_world(world_path, backend=backend)
     timings["load_world_s"] = time.perf_counter() - t0
     erase_dir, erased_folder = _erase_and_export(world, concept, method, workdir, timings)
     attacks = _attacks(world, concept, workdir, erased_folder, timings) if method == ROBUST else None
