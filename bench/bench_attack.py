@@ -15,17 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-
-def cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    field = lambda name: next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith(name)), "?")
-    flags = [f for f in field("Flags").split() if f.startswith(("avx512f", "avx512_bf16", "amx", "avx2"))]
-    return f"{field('Model name')}, {field('CPU(s)')} CPUs, {' '.join(sorted(set(flags)))}"
+from machine import cpu
 
 
 def _erase(concept: str):

@@ -157,11 +157,23 @@ def test_auto_chunk_is_the_largest_that_fits_the_budget(encoder_dir, tmp_path):
 def test_frozen_untouched_after_full_run(encoder_dir, tmp_path):
     config = config_for(encoder_dir, CONCEPTS[:2], joint=False)
     train_and_evaluate(config, tmp_path / "run", mesh=mesh_of(8, concept=2, data=2, fsdp=2))
+    # After a sharded (fsdp=2) batch run, each concept's exported encoder holds the BASE FILE's
+    # bytes in every tensor but block 0's (frozen leaves are not in the trained file at all).
+    from hirm_jax.artifacts.export import export_full
     base = masking.flatten(load_text_encoder(encoder_dir).params)
-    for name in CONCEPTS[:2]:
+    base_file = load_file(str(encoder_dir / "model.safetensors"))
+    index = json.loads((tmp_path / "run" / "index.json").read_text())["concepts"]
+    for i, name in enumerate(CONCEPTS[:2]):
         keys = set(trained(tmp_path / "run", name))
         assert keys and all(k.startswith("encoder/layers/0/") for k in keys)
         assert keys < set(base)
+        exported = load_file(str(export_full(tmp_path / "run" / index[name], tmp_path / f"full{i}")
+                                 / "model.safetensors"))
+        assert exported.keys() == base_file.keys()
+        block0 = {k for k in base_file if ".layers.0." in k}
+        for key in set(base_file) - block0:
+            assert exported[key].tobytes() == base_file[key].tobytes(), key
+        assert any(exported[k].tobytes() != base_file[k].tobytes() for k in block0)
 
 
 @pytest.mark.parametrize("lines, error, match", [
