@@ -24,6 +24,7 @@ writes the manifest once every process is done (the folder must be on shared sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -33,6 +34,8 @@ import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+
+import numpy as np
 
 from hirm_jax import log
 from hirm_jax import hub
@@ -62,6 +65,7 @@ SCHEDULERS = {
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKENDS = ("torch", "jax")
 
 # Column names the benchmark CSVs use for the same field (I2P, ESD/UnlearnDiffAtk, MMA-Diffusion, ...).
 PROMPT_COLUMNS = ("prompt", "adv_prompt", "caption", "text")
@@ -97,6 +101,7 @@ class Settings:
     scheduler: Optional[str]
     images_per_prompt: int
     seed: int
+    backend: str = "torch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,10 +357,11 @@ def load_pipeline(pipeline_dir: str | os.PathLike, deltas: Sequence[str | os.Pat
     return pipe.to(device)
 
 
-def run_jobs(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int = 1) -> Iterable[tuple[Job, "PIL.Image.Image"]]:
+def run_jobs(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int = 1,
+             latents: Optional[dict] = None) -> Iterable[tuple[Job, "PIL.Image.Image"]]:
     """Yield (job, image). Jobs are batched only with jobs of the same guidance (and the same
-    prompt kind: text or token ids); each has its own generator."""
-    import torch
+    prompt kind: text or token ids); each has its own generator, or its row of `latents`
+    ({job file: initial noise})."""
     pending = list(jobs)
     kind = lambda j: (j.guidance(settings), "ids" in j.row.meta)
     while pending:
@@ -363,10 +369,25 @@ def run_jobs(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int = 1)
         batch = [j for j in pending if kind(j) == first][:batch_size]
         taken = {id(j) for j in batch}
         pending = [j for j in pending if id(j) not in taken]
-        images = pipe(**prompt_arguments(pipe, batch), num_inference_steps=settings.steps, guidance_scale=first[0],
-                      height=settings.height, width=settings.width,
-                      generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch], output_type="pil").images
-        yield from zip(batch, images)
+        noise = np.stack([latents[j.file] for j in batch]) if latents else None
+        if settings.backend == "jax":
+            from PIL import Image
+            prompts = [j.row.meta["ids"] if "ids" in j.row.meta else j.row.prompt for j in batch]
+            arrays = pipe.images(prompts, [j.seed for j in batch], settings.steps, first[0], settings.height,
+                                 settings.width, noise)
+            yield from zip(batch, (Image.fromarray(a) for a in arrays))
+            continue
+        yield from zip(batch, _torch_images(pipe, batch, settings, first[0], noise))
+
+
+def _torch_images(pipe, batch: Sequence[Job], settings: Settings, guidance: float, noise) -> list:
+    import torch
+    extra = {} if noise is None else {"latents": torch.from_numpy(noise).to(pipe.device, pipe.unet.dtype
+                                                                           if hasattr(pipe, "unet") else pipe.dtype)}
+    return pipe(**prompt_arguments(pipe, batch), num_inference_steps=settings.steps, guidance_scale=guidance,
+                height=settings.height, width=settings.width,
+                generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch], output_type="pil",
+                **extra).images
 
 
 def prompt_arguments(pipe, batch: Sequence[Job]) -> dict:
@@ -393,10 +414,56 @@ def prompt_arguments(pipe, batch: Sequence[Job]) -> dict:
 def manifest_record(job: Job, settings: Settings, fingerprints: dict) -> dict:
     return {"id": job.row.id, "prompt": job.row.prompt, "sample": job.sample, "seed": job.seed, "file": job.file,
             "guidance": job.guidance(settings), "steps": settings.steps, "height": settings.height,
-            "width": settings.width, "scheduler": settings.scheduler, "dtype": settings.dtype,
+            "width": settings.width, "scheduler": settings.scheduler, "dtype": settings.dtype, "backend": settings.backend,
             "pipeline_fingerprint": fingerprints["pipeline"],
             "delta_fingerprints": [d["delta_file_sha256"] for d in fingerprints["deltas"]],
             "denoiser_sha256": fingerprints["denoiser"], "meta": job.row.meta}
+
+
+def default_backend() -> str:
+    """jax where torch is not installed, else torch."""
+    import importlib.util
+    return "torch" if importlib.util.find_spec("torch") else "jax"
+
+
+class OneProcess:
+    """The one process of a JAX run (accelerate's PartialState interface, as generate uses it)."""
+    process_index, num_processes, is_main_process, device = 0, 1, True, "jax"
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items
+
+
+def read_latents(path: str | os.PathLike, jobs: Sequence[Job]) -> dict:
+    """{job file: initial noise} from a .npy of one row per image in manifest order (sorted by
+    prompt id, then sample); never unpickled; shape and values checked."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise GenerationError(f"--latents {path} is not a readable .npy array: {e}") from e
+    if array.ndim != 4 or array.shape[0] != len(jobs) or array.dtype.kind != "f":
+        raise GenerationError(f"--latents {path} must be a float array [images={len(jobs)}, C, h, w] (one row per "
+                              f"image, manifest order) but is {array.dtype} {array.shape}")
+    if not np.isfinite(array).all():
+        raise GenerationError(f"--latents {path} holds non-finite values")
+    ordered = sorted(jobs, key=lambda j: (j.row.id, j.sample))
+    return {job.file: array[i].astype(np.float32) for i, job in enumerate(ordered)}
+
+
+def _load(pipeline_dir, changes: "Changes", settings: Settings, info: dict, state):
+    """The pipeline the backend draws with, deltas (and a denoiser erasure) applied."""
+    if settings.backend == "torch":
+        return load_pipeline(pipeline_dir, changes.deltas, denoiser=changes.denoiser, allow_pickle=changes.allow_pickle,
+                             dtype=settings.dtype, scheduler=settings.scheduler, device=state.device)
+    from hirm_jax.pipelines.generate_jax import JaxSDPipeline
+    if info["family"] != "sd" or changes.denoiser:
+        raise GenerationError(f"--backend jax draws SD 1.x/2.x pipelines without --denoiser so far, not "
+                              f"{info['class_name']}{' with --denoiser' if changes.denoiser else ''}: use --backend torch")
+    return JaxSDPipeline.load(pipeline_dir, changes.deltas, settings.dtype, settings.scheduler)
 
 
 def distributed_state():
@@ -418,6 +485,8 @@ class Request:
     images_per_prompt: int = 1
     seed: int = 0
     batch_size: int = 1
+    backend: Optional[str] = None  # torch | jax; None: jax where torch is not installed, else torch
+    latents: Optional[str] = None  # .npy: the initial noise, one row per image in manifest order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,16 +508,19 @@ def generate(pipeline: "str | os.PathLike | hub.Source", rows: Sequence[PromptRo
     request, changes = _request_and_changes(request, changes, fields)
     source = resolve_pipeline(pipeline)
     pipeline_dir, out_dir = source.path, Path(out_dir)
-    inputs_of_pipeline = pipeline_inputs(pipeline_dir, changes.deltas, changes.denoiser)
+    inputs_of_pipeline = [*pipeline_inputs(pipeline_dir, changes.deltas, changes.denoiser), ("--latents", request.latents)]
     require_inputs(inputs_of_pipeline)
     check_output_location(out_dir, [*inputs_of_pipeline, *inputs])
     info = pipeline_family(pipeline_dir)
-    state = distributed_state()
-    settings = _settings(request, info, state)
+    backend = request.backend or default_backend()
+    state = distributed_state() if backend == "torch" else OneProcess()
+    settings = _settings(request, info, state, backend)
     jobs = plan_jobs(rows, settings)
+    latents = read_latents(request.latents, jobs) if request.latents else None
     fingerprints = {"pipeline": pipeline_fingerprint(pipeline_dir),
                     "deltas": [delta_fingerprint(d) for d in changes.deltas],
-                    "denoiser": sha256_file(changes.denoiser) if changes.denoiser else None}
+                    "denoiser": sha256_file(changes.denoiser) if changes.denoiser else None,
+                    **({"latents": sha256_file(request.latents)} if request.latents else {})}
     record = {"pipeline": source.hub_id or str(pipeline_dir), "pipeline_source": source.provenance(),
               "pipeline_class": info["class_name"], "settings": dataclasses.asdict(settings),
               "fingerprints": fingerprints, **(extra or {})}
@@ -457,14 +529,13 @@ def generate(pipeline: "str | os.PathLike | hub.Source", rows: Sequence[PromptRo
     state.wait_for_everyone()  # every process lists the same missing images before any is written
     with state.split_between_processes(pending) as mine:
         # Loading applies the deltas and denoiser weights: one that does not fit fails before out_dir exists.
-        pipe = load_pipeline(pipeline_dir, changes.deltas, denoiser=changes.denoiser, allow_pickle=changes.allow_pickle,
-                             dtype=settings.dtype, scheduler=settings.scheduler, device=state.device) if mine else None
+        pipe = _load(pipeline_dir, changes, settings, info, state) if mine else None
         state.wait_for_everyone()
         if state.is_main_process:
             _check_resume(out_dir, record, create=True)
         state.wait_for_everyone()
         if mine:
-            _write_images(pipe, mine, settings, request.batch_size, out_dir, state)
+            _write_images(pipe, mine, settings, request.batch_size, out_dir, state, latents)
     state.wait_for_everyone()
     if state.is_main_process:
         _write_manifest(out_dir, jobs, settings, record)
@@ -484,8 +555,10 @@ def _request_and_changes(request: Optional[Request], changes: Optional[Changes],
     return request, changes
 
 
-def _settings(request: Request, info: dict, state) -> Settings:
+def _settings(request: Request, info: dict, state, backend: str = "torch") -> Settings:
     """The request checked and completed with the family's defaults (what generation.json records)."""
+    if backend not in BACKENDS:
+        raise GenerationError(f"backend must be one of {list(BACKENDS)} but is {backend!r}")
     size_h, size_w = request.height or info["size"], request.width or info["size"]
     for name, value in (("height", size_h), ("width", size_w)):
         if value % 16:
@@ -493,11 +566,14 @@ def _settings(request: Request, info: dict, state) -> Settings:
     if request.images_per_prompt < 1 or request.batch_size < 1:
         raise GenerationError(f"images_per_prompt and batch_size must be >= 1 but are {request.images_per_prompt}, "
                               f"{request.batch_size}")
-    dtype = str(torch_dtype(request.dtype, state.device)).removeprefix("torch.")  # record what "auto" became
+    if backend == "jax":
+        dtype = "float32" if request.dtype == "auto" else request.dtype
+    else:
+        dtype = str(torch_dtype(request.dtype, state.device)).removeprefix("torch.")  # record what "auto" became
     return Settings(steps=request.steps or info["steps"],
                     guidance=info["guidance"] if request.guidance is None else request.guidance,
                     height=size_h, width=size_w, dtype=dtype, scheduler=request.scheduler,
-                    images_per_prompt=request.images_per_prompt, seed=request.seed)
+                    images_per_prompt=request.images_per_prompt, seed=request.seed, backend=backend)
 
 
 def _write_manifest(out_dir: Path, jobs: Sequence[Job], settings: Settings, record: dict) -> None:
@@ -511,11 +587,12 @@ def _write_manifest(out_dir: Path, jobs: Sequence[Job], settings: Settings, reco
     write_json(out_dir / GENERATION, {**record, "images": len(jobs), "provenance": provenance()})
 
 
-def _write_images(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int, out_dir: Path, state) -> None:
+def _write_images(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int, out_dir: Path, state,
+                  latents: Optional[dict] = None) -> None:
     """Generate `jobs` into out_dir, each image written atomically, with progress on stderr."""
     (out_dir / IMAGES).mkdir(parents=True, exist_ok=True)
     start, every = time.time(), max(1, len(jobs) // 50)
-    for done, (job, image) in enumerate(run_jobs(pipe, jobs, settings, batch_size), 1):
+    for done, (job, image) in enumerate(run_jobs(pipe, jobs, settings, batch_size, latents), 1):
         with atomic_file(out_dir / job.file, "wb") as f:
             image.save(f, format="PNG")
         if done % every and done != len(jobs):
@@ -565,6 +642,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the suite's, else the pipeline's own")
     parser.add_argument("--seed", type=int, default=0, help="base of derived per-image seeds")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--backend", choices=BACKENDS, help="torch (diffusers) or jax (Flax models, no torch; SD "
+                        "1.x/2.x with --scheduler ddim so far); default: jax where torch is not installed, else torch")
+    parser.add_argument("--latents", help=".npy of initial noise, one row per image in manifest order (diffusers' "
+                        "latents=, before init_noise_sigma): both backends then draw the same images")
 
 
 def main(argv: Sequence[str], suite_prompts: Optional[Callable[[str, list], tuple]] = None) -> int:
@@ -592,7 +673,7 @@ def main(argv: Sequence[str], suite_prompts: Optional[Callable[[str, list], tupl
     rows = rows[:args.limit] if args.limit else rows
     generate(args.pipeline, rows, args.out, deltas=args.delta, denoiser=args.denoiser, allow_pickle=args.allow_pickle,
              extra=extra, inputs=[("--prompts", args.prompts)], **generation_kwargs(args, defaults))
-    if distributed_state().is_main_process:
+    if (args.backend or default_backend()) != "torch" or distributed_state().is_main_process:
         print(args.out)
     return 0
 
@@ -602,4 +683,5 @@ def generation_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
     pick = lambda name: getattr(args, name) if getattr(args, name, None) is not None else defaults.get(name)  # noqa: E731
     return dict(steps=pick("steps"), guidance=pick("guidance"), height=pick("height"), width=pick("width"),
                 dtype=args.dtype, scheduler=pick("scheduler"), images_per_prompt=pick("images_per_prompt") or 1,
-                seed=args.seed, batch_size=args.batch_size)
+                seed=args.seed, batch_size=args.batch_size, backend=getattr(args, "backend", None),
+                latents=getattr(args, "latents", None))
