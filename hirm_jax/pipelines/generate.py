@@ -382,8 +382,7 @@ def run_jobs(pipe, jobs: Sequence[Job], settings: Settings, batch_size: int = 1,
 
 def _torch_images(pipe, batch: Sequence[Job], settings: Settings, guidance: float, noise) -> list:
     import torch
-    extra = {} if noise is None else {"latents": torch.from_numpy(noise).to(pipe.device, pipe.unet.dtype
-                                                                           if hasattr(pipe, "unet") else pipe.dtype)}
+    extra = {} if noise is None else {"latents": torch.from_numpy(noise).to(pipe.device, pipe.dtype)}
     return pipe(**prompt_arguments(pipe, batch), num_inference_steps=settings.steps, guidance_scale=guidance,
                 height=settings.height, width=settings.width,
                 generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch], output_type="pil",
@@ -445,9 +444,10 @@ def read_latents(path: str | os.PathLike, jobs: Sequence[Job]) -> dict:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise GenerationError(f"--latents {path} is not a readable .npy array: {e}") from e
-    if array.ndim != 4 or array.shape[0] != len(jobs) or array.dtype.kind != "f":
-        raise GenerationError(f"--latents {path} must be a float array [images={len(jobs)}, C, h, w] (one row per "
-                              f"image, manifest order) but is {array.dtype} {array.shape}")
+    if array.ndim not in (3, 4) or array.shape[0] != len(jobs) or array.dtype.kind != "f":
+        raise GenerationError(f"--latents {path} must be a float array [images={len(jobs)}, C, h, w] (Flux: packed, "
+                              f"[images, tokens, C]; one row per image, manifest order) but is {array.dtype} "
+                              f"{array.shape}")
     if not np.isfinite(array).all():
         raise GenerationError(f"--latents {path} holds non-finite values")
     ordered = sorted(jobs, key=lambda j: (j.row.id, j.sample))

@@ -78,8 +78,9 @@ def _shard(x: np.ndarray, devices) -> jax.Array:
 
 def generate_jax(world, text_encoder=None, prompts=(), seeds=(), steps: Optional[int] = None,
                  guidance: Optional[float] = None, batch_size: int = 128, latents: Optional[np.ndarray] = None):
-    """Pictures [N, 32, 32, 3] uint8, one per (prompt, seed); see the module docstring. Batches are
-    padded to `batch_size` (one compile) and split over the devices."""
+    """Pictures [N, 32, 32, 3] uint8, one per (prompt, seed); see the module docstring. The
+    pictures go in even batches of at most `batch_size` (the last one padded: one compile per
+    batch shape), each split over the devices."""
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt but got {len(prompts)} prompts and {len(seeds)} seeds")
@@ -96,8 +97,8 @@ def generate_jax(world, text_encoder=None, prompts=(), seeds=(), steps: Optional
     encoder = _encoder(world, text_encoder)
     ids = prompt_ids(world.tokenizer, prompts + [""])
     states = np.asarray(encoder.apply(encoder.params, ids, None)["last_hidden_state"], np.float32)
-    batch = min(batch_size, len(seeds)) or 1
     devices = jax.devices()
+    batch = -(-len(seeds) // -(-len(seeds) // batch_size)) if seeds else 1  # even batches: the least padding
     batch = -(-batch // len(devices)) * len(devices) if batch >= len(devices) else batch
     out = []
     for start in range(0, len(seeds), batch):
