@@ -133,12 +133,23 @@ def test_world_benchmark_measures_attack_success_and_robust_hirm_lowers_it(tmp_p
     # `hirm-jax eval --suite=demo-world --attacks`: the GCG attack (4 tokens) brings hearts back
     # through plain HiRM-S far more often than through robust HiRM-S, which trained against
     # another attack (continuous); measured on images, with the original encoder as control.
-    from hirm_jax.world.benchmark import markdown, run_benchmark
-    report = run_benchmark(tmp_path / "bench", ["hirm_s", "hirm_s_adv"], ["heart"], seeds_per_cell=1,
-                           attacks=["gcg_k4"])
+    # Run as a user runs it, in its own process on one CPU device (the 8 fake devices of the test
+    # process made it 4x slower on 2 cores).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, "-m", "hirm_jax.cli", "eval", "--suite=demo-world",
+                           f"--out={tmp_path / 'bench'}", "--methods", "hirm_s", "hirm_s_adv", "--concepts", "heart",
+                           "--seeds-per-cell=1", "--attacks", "gcg_k4"],
+                          capture_output=True, text=True, env={**env, "PYTHONPATH": str(root)}, cwd=root, timeout=1500)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "bench" / "results.json").read_text())
     plain, robust = (report["methods"][m]["attacks"]["gcg_k4"] for m in ("hirm_s", "hirm_s_adv"))
     assert plain["images"] == robust["images"] == 30
     assert plain["control"] >= 0.8  # the prompts found against plain HiRM-S make hearts without erasure
     assert robust["ASR"] < plain["ASR"] - 0.3, (plain["ASR"], robust["ASR"])
     assert report["methods"]["hirm_s_adv"]["object"]["UA"] >= 0.9
-    assert "gcg_k4 ASR" in markdown(report) and (tmp_path / "bench" / "results.json").is_file()
+    assert "gcg_k4 ASR" in (tmp_path / "bench" / "results.md").read_text()

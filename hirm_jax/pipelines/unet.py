@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hirm_jax.encoder.clip import DTYPES  # compute dtypes by name, as the encoders take them
 from hirm_jax.errors import HirmError
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
 # Fields whose non-default values select parts of diffusers' UNet this module does not build.

@@ -279,6 +279,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--backend", default="torch", choices=w.BACKENDS,
                         help="how pictures are drawn: torch (diffusers) or jax (Flax UNet; another noise stream)")
     args = parser.parse_args(argv)
+    check_output_location(args.out, {"--world": args.world or w.SHIPPED})  # before the world is read
     world = w.load_world(args.world, backend=args.backend)
     run_benchmark(args.out, args.methods, args.concepts, args.seeds_per_cell, world, args.preservation_weight,
                   args.attacks, args.attack_seeds)
