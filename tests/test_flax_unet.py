@@ -138,6 +138,35 @@ def test_ddim_equals_diffusers_step_for_step(overrides, steps):
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [
+    {},  # the world's schedule: sigma 2e4 at the first step
+    {"timestep_spacing": "leading", "steps_offset": 1, "prediction_type": "epsilon", "beta_schedule": "scaled_linear",
+     "beta_start": 0.00085, "beta_end": 0.012},  # SD 1.x's
+    {"timestep_spacing": None, "prediction_type": "epsilon"}])  # Euler's own default spacing (linspace)
+@pytest.mark.parametrize("steps", [10, 7])
+def test_euler_equals_diffusers_step_for_step(overrides, steps):
+    from diffusers import EulerDiscreteScheduler
+
+    from hirm_jax import world as w
+    config = {**json.loads((w.SHIPPED / "scheduler" / "scheduler_config.json").read_text()), **overrides}
+    config = {k: v for k, v in config.items() if v is not None}
+    reference = EulerDiscreteScheduler.from_config(config)
+    reference.set_timesteps(steps)
+    ours = schedulers.from_name("euler", config, steps)
+    np.testing.assert_array_equal(reference.timesteps.numpy(), ours.timesteps)
+    np.testing.assert_allclose(ours.sigmas, reference.sigmas.numpy(), rtol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(reference.init_noise_sigma), rel=1e-6)
+    torch.manual_seed(0)
+    sample, output = torch.randn(2, 4, 8, 8) * reference.init_noise_sigma, torch.randn(2, 4, 8, 8)
+    ulp = 1e-6 * float(sample.abs().max())  # the first step of a large sigma is float32 cancellation
+    for i, t in enumerate(reference.timesteps):
+        np.testing.assert_allclose(np.asarray(ours.scale(i, jnp.asarray(sample.numpy()))),
+                                   reference.scale_model_input(sample, t).numpy(), rtol=1e-5, atol=1e-6)
+        expected = reference.step(output, t, sample).prev_sample.numpy()
+        got = np.asarray(ours.step(i, jnp.asarray(output.numpy()), jnp.asarray(sample.numpy())))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=max(1e-5, ulp))
+
+
 def test_unknown_scheduler_settings_are_errors_naming_them():
     with pytest.raises(schedulers.SchedulerError, match="timestep_spacing must be one of"):
         schedulers.ddim_from_config({"timestep_spacing": "karras"}, 10)
@@ -145,6 +174,10 @@ def test_unknown_scheduler_settings_are_errors_naming_them():
         schedulers.ddim_from_config({"thresholding": True}, 10)
     with pytest.raises(schedulers.SchedulerError, match=r"steps must be in \[1, 1000\]"):
         schedulers.ddim_from_config({}, 0)
+    with pytest.raises(schedulers.SchedulerError, match="use_karras_sigmas=True is not implemented for euler"):
+        schedulers.from_name("euler", {"use_karras_sigmas": True}, 10)
+    with pytest.raises(schedulers.SchedulerError, match="scheduler must be one of \\['ddim', 'euler'\\] in JAX"):
+        schedulers.from_name("pndm", {}, 10)
 
 
 @pytest.mark.slow

@@ -228,26 +228,30 @@ def test_the_jax_backend_draws_what_diffusers_draws_from_the_same_latents(sd, tm
     latents = np.random.default_rng(0).standard_normal((len(rows), 4, 8, 8)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
     common = [f"--pipeline={sd.pipeline}", f"--delta={sd.deltas[0]}", f"--prompts={sd.prompts}", "--steps=3",
-              "--height=16", "--width=16", "--scheduler=ddim", f"--latents={tmp_path / 'latents.npy'}"]
+              "--height=16", "--width=16", f"--latents={tmp_path / 'latents.npy'}"]
     from hirm_jax import cli
-    assert cli.main(["generate", *common, "--backend=torch", f"--out={tmp_path / 'torch'}"]) == 0
-    assert cli.main(["generate", *common, "--backend=jax", "--batch-size=2", f"--out={tmp_path / 'jax'}"]) == 0
-    records = gen.read_manifest(tmp_path / "jax")
-    assert [r["backend"] for r in records] == ["jax"] * len(rows)
-    for record in records:
-        a = np.asarray(Image.open(tmp_path / "torch" / record["file"])).astype(int)
-        b = np.asarray(Image.open(tmp_path / "jax" / record["file"])).astype(int)
-        assert a.shape == b.shape == (16, 16, 3) and np.abs(a - b).max() <= 2, record["id"]
+    for scheduler in ("ddim", "euler"):
+        args = [*common, f"--scheduler={scheduler}"]
+        assert cli.main(["generate", *args, "--backend=torch", f"--out={tmp_path / ('torch_' + scheduler)}"]) == 0
+        assert cli.main(["generate", *args, "--backend=jax", "--batch-size=2",
+                         f"--out={tmp_path / ('jax_' + scheduler)}"]) == 0
+        records = gen.read_manifest(tmp_path / f"jax_{scheduler}")
+        assert [r["backend"] for r in records] == ["jax"] * len(rows)
+        for record in records:
+            a = np.asarray(Image.open(tmp_path / f"torch_{scheduler}" / record["file"])).astype(int)
+            b = np.asarray(Image.open(tmp_path / f"jax_{scheduler}" / record["file"])).astype(int)
+            assert a.shape == b.shape == (16, 16, 3) and np.abs(a - b).max() <= 2, (scheduler, record["id"])
     capsys.readouterr()
-    assert cli.main(["generate", *common[:-1], "--backend=jax", f"--out={tmp_path / 'own_noise'}"]) == 0
+    assert cli.main(["generate", *common[:-1], "--scheduler=euler", "--backend=jax",
+                     f"--out={tmp_path / 'own_noise'}"]) == 0
     own = np.asarray(Image.open(tmp_path / "own_noise" / records[0]["file"])).astype(int)
-    assert not np.array_equal(own, np.asarray(Image.open(tmp_path / "jax" / records[0]["file"])).astype(int))
+    assert not np.array_equal(own, np.asarray(Image.open(tmp_path / "jax_euler" / records[0]["file"])).astype(int))
 
     capsys.readouterr()
-    assert cli.main(["generate", *common[:-2], "--backend=jax", f"--out={tmp_path / 'pndm'}"]) != 0
-    assert "--backend jax implements the schedulers ['ddim']" in capsys.readouterr().err
+    assert cli.main(["generate", *common, "--scheduler=pndm", "--backend=jax", f"--out={tmp_path / 'pndm'}"]) != 0
+    assert "--backend jax implements the schedulers ['ddim', 'euler'] so far" in capsys.readouterr().err
     np.save(tmp_path / "short.npy", latents[:1])
-    assert cli.main(["generate", *common[:-1], f"--latents={tmp_path / 'short.npy'}", "--backend=jax",
-                     f"--out={tmp_path / 'short'}"]) != 0
+    assert cli.main(["generate", *common[:-1], f"--latents={tmp_path / 'short.npy'}", "--scheduler=ddim",
+                     "--backend=jax", f"--out={tmp_path / 'short'}"]) != 0
     assert f"must be a float array [images={len(rows)}, C, h, w]" in capsys.readouterr().err
     assert not (tmp_path / "short").exists() and not (tmp_path / "pndm").exists()

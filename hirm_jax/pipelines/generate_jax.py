@@ -1,6 +1,6 @@
 """`hirm-jax generate --backend jax`: an SD 1.x / 2.x diffusers folder drawn with the Flax CLIP
 encoder, UNet and VAE and the JAX DDIM sampler, with no torch; HiRM deltas applied in memory to
-the Flax encoder (every fingerprint checked first).
+the Flax encoder (every fingerprint checked first); schedulers `ddim` and `euler`.
 
     pipe = JaxSDPipeline.load("/models/sd15", deltas=["deltas/vangogh"])
     images = pipe.images(prompts, seeds, steps=25, guidance=7.5, height=512, width=512)   # uint8 [B, H, W, 3]
@@ -31,7 +31,7 @@ from hirm_jax.pipelines import schedulers
 from hirm_jax.pipelines.diffusers_weights import load_unet, load_vae
 from hirm_jax.pipelines.vae import to_uint8
 
-JAX_SCHEDULERS = ("ddim",)
+JAX_SCHEDULERS = ("ddim", "euler")
 SAFETENSORS_PRECISION = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -88,6 +88,7 @@ class JaxSDPipeline:
     unet: object
     vae: object
     scheduler_config: dict
+    scheduler_name: str = "ddim"
 
     @classmethod
     def load(cls, pipeline_dir: str | os.PathLike, deltas: Sequence[str | os.PathLike] = (), dtype: str = "float32",
@@ -97,7 +98,7 @@ class JaxSDPipeline:
         pipeline_dir = Path(pipeline_dir)
         if scheduler not in JAX_SCHEDULERS:
             raise JaxBackendError(f"--backend jax implements the schedulers {list(JAX_SCHEDULERS)} so far, but "
-                                  f"--scheduler is {scheduler!r}: pass --scheduler ddim (or --backend torch)")
+                                  f"--scheduler is {scheduler!r}: pass one of them (or --backend torch)")
         if dtype not in ("float32", "bfloat16"):
             raise JaxBackendError(f"--backend jax computes in float32 or bfloat16, not {dtype!r}")
         encoder = load_text_encoder(pipeline_dir, "text_encoder")
@@ -105,7 +106,8 @@ class JaxSDPipeline:
             encoder = apply_delta_to_flax(encoder, delta_dir, "text_encoder",
                                           stored_precisions(pipeline_dir / "text_encoder"))
         return cls(load_clip_tokenizer(pipeline_dir / "tokenizer"), encoder, load_unet(pipeline_dir / "unet", dtype),
-                   load_vae(pipeline_dir / "vae", dtype), read_json(pipeline_dir / "scheduler" / "scheduler_config.json"))
+                   load_vae(pipeline_dir / "vae", dtype), read_json(pipeline_dir / "scheduler" / "scheduler_config.json"),
+                   scheduler)
 
     def latent_shape(self, height: int, width: int) -> tuple:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -120,7 +122,7 @@ class JaxSDPipeline:
             latents = np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape)) for s in seeds])
         ids = prompt_ids(self.tokenizer, list(prompts) + [""], self.encoder.config.max_position_embeddings)
         states = self.encoder.apply(self.encoder.params, ids, None)["last_hidden_state"]
-        run = _sampler(self.unet.config, self.vae.config, steps, _frozen(self.scheduler_config))
+        run = _sampler(self.unet.config, self.vae.config, steps, self.scheduler_name, _frozen(self.scheduler_config))
         decoded = run(self.unet.params, self.vae.params, states[:-1], states[-1:], jnp.float32(guidance),
                       jnp.asarray(latents, jnp.float32))
         return to_uint8(decoded)
@@ -131,10 +133,10 @@ def _frozen(config: dict) -> tuple:
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(unet_config, vae_config, steps: int, scheduler_items: tuple):
+def _sampler(unet_config, vae_config, steps: int, scheduler_name: str, scheduler_items: tuple):
     from hirm_jax.pipelines.unet import UNet
     from hirm_jax.pipelines.vae import VAE
-    scheduler = schedulers.ddim_from_config(dict(scheduler_items), steps)
+    scheduler = schedulers.from_name(scheduler_name, dict(scheduler_items), steps)
 
     @jax.jit
     def run(unet_params, vae_params, cond, uncond, guidance, latents):

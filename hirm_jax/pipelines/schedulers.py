@@ -4,9 +4,12 @@ sampling loop as one `lax.scan` (compiled once per pipeline, shape, steps and sc
     scheduler = ddim_from_config(json.load(open("scheduler/scheduler_config.json")), steps=25)
     x = sample(denoise, scheduler, latents)        # denoise(x, t) -> model output, e.g. with CFG
 
-Built: DDIM (eta = 0; epsilon / v_prediction / sample; leading / trailing / linspace spacing,
-steps_offset, set_alpha_to_one, clip_sample; linear / scaled_linear / squaredcos_cap_v2 betas).
-Any other scheduler class or setting is a SchedulerError naming it.
+Built (`from_name`): `ddim` (eta = 0; epsilon / v_prediction / sample; leading / trailing /
+linspace spacing, steps_offset, set_alpha_to_one, clip_sample) and `euler` (EulerDiscrete
+without churn: epsilon / v_prediction; linear sigma interpolation, final sigma zero), both over
+linear / scaled_linear / squaredcos_cap_v2 betas. A scheduler is arrays per inference step
+with `scale(i, x)` (the model input) and `step(i, output, x)`. Any other scheduler or setting
+is a SchedulerError naming it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ def betas(config: dict) -> np.ndarray:
     raise SchedulerError(f"beta_schedule must be one of {list(BETA_SCHEDULES)} but is {schedule!r}")
 
 
+def alphas_cumprod_of(config: dict) -> np.ndarray:
+    """[T] float32 cumulative alphas as torch computes them on a CPU (a float64 running product)."""
+    return np.cumprod((1.0 - betas(config)).astype(np.float32), dtype=np.float64).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class DDIM:
     """DDIM with eta = 0, as arrays: per inference step i, its timestep and the cumulative alphas
@@ -57,6 +65,9 @@ class DDIM:
     prediction_type: str
     clip_sample: float  # 0: no clipping
     init_noise_sigma: float = 1.0
+
+    def scale(self, i, sample):
+        return sample
 
     def step(self, i, model_output, sample):
         """x_{t-1} from x_t and the model's output at inference step i (a traced int is fine)."""
@@ -74,12 +85,62 @@ class DDIM:
         return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
 
-def inference_timesteps(config: dict, steps: int) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Euler:
+    """EulerDiscrete (s_churn = 0) as arrays: per inference step its timestep and sigma, and the next sigma."""
+    timesteps: np.ndarray  # [S] float
+    sigmas: np.ndarray  # [S + 1], the last 0
+    prediction_type: str
+    init_noise_sigma: float
+
+    def scale(self, i, sample):
+        return sample / (jnp.asarray(self.sigmas)[i] ** 2 + 1) ** 0.5
+
+    def step(self, i, model_output, sample):
+        sigma, sigma_next = jnp.asarray(self.sigmas)[i], jnp.asarray(self.sigmas)[i + 1]
+        if self.prediction_type == "epsilon":
+            x0 = sample - sigma * model_output
+        else:  # v_prediction
+            x0 = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
+        return sample + (sample - x0) / sigma * (sigma_next - sigma)
+
+
+def euler_from_config(config: dict, steps: int) -> Euler:
+    """An Euler scheduler from a diffusers scheduler_config.json (read as EulerDiscreteScheduler's)."""
+    for field, default in (("use_karras_sigmas", False), ("use_exponential_sigmas", False), ("use_beta_sigmas", False),
+                           ("interpolation_type", "linear"), ("final_sigmas_type", "zero"),
+                           ("timestep_type", "discrete"), ("rescale_betas_zero_snr", False)):
+        if config.get(field, default) not in (default, None):
+            raise SchedulerError(f"scheduler {field}={config[field]!r} is not implemented for euler "
+                                 f"(supported: {default!r})")
+    config = {"timestep_spacing": "linspace", **config}  # EulerDiscreteScheduler's default spacing
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise SchedulerError(f"euler: prediction_type must be 'epsilon' or 'v_prediction' but is {prediction!r}")
+    alphas_cumprod = alphas_cumprod_of(config)
+    timesteps = inference_timesteps(config, steps, exact=True).astype(np.float32)
+    all_sigmas = np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    sigmas = np.concatenate([np.interp(timesteps, np.arange(len(all_sigmas)), all_sigmas), [0.0]]).astype(np.float32)
+    spacing = config.get("timestep_spacing", "linspace")
+    init = float(sigmas.max() if spacing in ("linspace", "trailing") else (sigmas.max() ** 2 + 1) ** 0.5)
+    return Euler(timesteps, sigmas, prediction, init)
+
+
+def from_name(name: str, config: dict, steps: int):
+    """The scheduler `name` (`ddim`, `euler`) built from a diffusers scheduler_config.json."""
+    builders = {"ddim": ddim_from_config, "euler": euler_from_config}
+    if name not in builders:
+        raise SchedulerError(f"scheduler must be one of {sorted(builders)} in JAX but is {name!r}")
+    return builders[name](config, steps)
+
+
+def inference_timesteps(config: dict, steps: int, exact: bool = False) -> np.ndarray:
     count, spacing = config.get("num_train_timesteps", 1000), config.get("timestep_spacing", "leading")
     if not 1 <= steps <= count:
         raise SchedulerError(f"steps must be in [1, {count}] (num_train_timesteps) but is {steps}")
-    if spacing == "linspace":
-        return np.linspace(0, count - 1, steps).round()[::-1].astype(np.int64)
+    if spacing == "linspace":  # DDIM rounds; Euler keeps them fractional (`exact`)
+        values = np.linspace(0, count - 1, steps, dtype=np.float32 if exact else np.float64)[::-1]
+        return values.copy() if exact else values.round().astype(np.int64)
     if spacing == "leading":
         return (np.arange(steps) * (count // steps)).round()[::-1].astype(np.int64) + config.get("steps_offset", 0)
     if spacing == "trailing":
@@ -96,7 +157,7 @@ def ddim_from_config(config: dict, steps: int) -> DDIM:
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTIONS:
         raise SchedulerError(f"prediction_type must be one of {list(PREDICTIONS)} but is {prediction!r}")
-    alphas_cumprod = np.cumprod(1.0 - betas(config), dtype=np.float32)
+    alphas_cumprod = alphas_cumprod_of(config)
     final = np.float32(1.0) if config.get("set_alpha_to_one", True) else alphas_cumprod[0]
     timesteps = inference_timesteps(config, steps)
     prev = timesteps - config.get("num_train_timesteps", 1000) // steps
@@ -105,13 +166,13 @@ def ddim_from_config(config: dict, steps: int) -> DDIM:
     return DDIM(timesteps, alphas_cumprod[timesteps], alpha_prev, prediction, float(clip))
 
 
-def sample(denoise: Callable, scheduler: DDIM, latents: jax.Array) -> jax.Array:
+def sample(denoise: Callable, scheduler, latents: jax.Array) -> jax.Array:
     """Run the scheduler from `latents` (already scaled by init_noise_sigma): one lax.scan over
     the inference steps; denoise(x, t) -> the model output at timestep t (guidance inside)."""
     timesteps = jnp.asarray(scheduler.timesteps)
 
     def body(x, i):
-        return scheduler.step(i, denoise(x, timesteps[i]), x), None
+        return scheduler.step(i, denoise(scheduler.scale(i, x), timesteps[i]), x), None
     return jax.lax.scan(body, latents, jnp.arange(len(scheduler.timesteps)))[0]
 
 
