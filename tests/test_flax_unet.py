@@ -167,6 +167,29 @@ def test_euler_equals_diffusers_step_for_step(overrides, steps):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=max(1e-5, ulp))
 
 
+@pytest.mark.parametrize("overrides", [
+    {},  # SD 1.x's: leading, steps_offset 1, scaled_linear
+    {"timestep_spacing": "trailing", "prediction_type": "v_prediction", "set_alpha_to_one": True},
+    {"timestep_spacing": "linspace", "beta_schedule": "linear"}])
+@pytest.mark.parametrize("steps", [10, 3])
+def test_pndm_equals_diffusers_step_for_step_with_its_history(overrides, steps):
+    from diffusers import PNDMScheduler
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "skip_prk_steps": True,
+              "steps_offset": 1, "set_alpha_to_one": False, **overrides}
+    reference = PNDMScheduler.from_config(config)
+    reference.set_timesteps(steps)
+    ours = schedulers.from_name("pndm", config, steps)
+    np.testing.assert_array_equal(reference.timesteps.numpy(), ours.timesteps)
+    torch.manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8)
+    state, x = ours.init(jnp.asarray(sample.numpy())), jnp.asarray(sample.numpy())
+    for i, t in enumerate(reference.timesteps):  # a different model output at every step, as a model gives
+        output = torch.randn(2, 4, 8, 8)
+        sample = reference.step(output, t, sample).prev_sample
+        x, state = ours.step_with(i, jnp.asarray(output.numpy()), x, state)
+        np.testing.assert_allclose(np.asarray(x), sample.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_scheduler_settings_are_errors_naming_them():
     with pytest.raises(schedulers.SchedulerError, match="timestep_spacing must be one of"):
         schedulers.ddim_from_config({"timestep_spacing": "karras"}, 10)
@@ -176,7 +199,9 @@ def test_unknown_scheduler_settings_are_errors_naming_them():
         schedulers.ddim_from_config({}, 0)
     with pytest.raises(schedulers.SchedulerError, match="use_karras_sigmas=True is not implemented for euler"):
         schedulers.from_name("euler", {"use_karras_sigmas": True}, 10)
-    with pytest.raises(schedulers.SchedulerError, match="scheduler must be one of \\['ddim', 'euler'\\] in JAX"):
+    with pytest.raises(schedulers.SchedulerError, match="scheduler must be one of \\['ddim', 'euler', 'pndm'\\] in JAX"):
+        schedulers.from_name("lms", {}, 10)
+    with pytest.raises(schedulers.SchedulerError, match="skip_prk_steps=False"):
         schedulers.from_name("pndm", {}, 10)
 
 

@@ -230,8 +230,18 @@ def test_the_jax_backend_draws_what_diffusers_draws_from_the_same_latents(sd, tm
     common = [f"--pipeline={sd.pipeline}", f"--delta={sd.deltas[0]}", f"--prompts={sd.prompts}", "--steps=3",
               "--height=16", "--width=16", f"--latents={tmp_path / 'latents.npy'}"]
     from hirm_jax import cli
-    for scheduler in ("ddim", "euler"):
-        args = [*common, f"--scheduler={scheduler}"]
+    # SD 1.x ships PNDM with skip_prk_steps: a copy of the pipeline with that scheduler, used as the
+    # folder's own (no --scheduler) by both backends
+    import shutil
+    plms = shutil.copytree(sd.pipeline, tmp_path / "pipeline_pndm")
+    config = json.loads((plms / "scheduler" / "scheduler_config.json").read_text())
+    config.update(_class_name="PNDMScheduler", skip_prk_steps=True)
+    (plms / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    index = json.loads((plms / "model_index.json").read_text())
+    (plms / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    for scheduler in ("ddim", "euler", None):
+        args = [*common, f"--scheduler={scheduler}"] if scheduler else [f"--pipeline={plms}", *common[1:]]
+        scheduler = scheduler or "pndm"
         assert cli.main(["generate", *args, "--backend=torch", f"--out={tmp_path / ('torch_' + scheduler)}"]) == 0
         assert cli.main(["generate", *args, "--backend=jax", "--batch-size=2",
                          f"--out={tmp_path / ('jax_' + scheduler)}"]) == 0
@@ -248,10 +258,10 @@ def test_the_jax_backend_draws_what_diffusers_draws_from_the_same_latents(sd, tm
     assert not np.array_equal(own, np.asarray(Image.open(tmp_path / "jax_euler" / records[0]["file"])).astype(int))
 
     capsys.readouterr()
-    assert cli.main(["generate", *common, "--scheduler=pndm", "--backend=jax", f"--out={tmp_path / 'pndm'}"]) != 0
-    assert "--backend jax implements the schedulers ['ddim', 'euler'] so far" in capsys.readouterr().err
+    assert cli.main(["generate", *common, "--scheduler=lms", "--backend=jax", f"--out={tmp_path / 'lms'}"]) != 0
+    assert "--backend jax implements the schedulers ['ddim', 'euler', 'pndm'] so far" in capsys.readouterr().err
     np.save(tmp_path / "short.npy", latents[:1])
     assert cli.main(["generate", *common[:-1], f"--latents={tmp_path / 'short.npy'}", "--scheduler=ddim",
                      "--backend=jax", f"--out={tmp_path / 'short'}"]) != 0
     assert f"must be a float array [images={len(rows)}, C, h, w]" in capsys.readouterr().err
-    assert not (tmp_path / "short").exists() and not (tmp_path / "pndm").exists()
+    assert not (tmp_path / "short").exists() and not (tmp_path / "lms").exists()

@@ -1,6 +1,7 @@
 """`hirm-jax generate --backend jax`: an SD 1.x / 2.x diffusers folder drawn with the Flax CLIP
 encoder, UNet and VAE and the JAX DDIM sampler, with no torch; HiRM deltas applied in memory to
-the Flax encoder (every fingerprint checked first); schedulers `ddim` and `euler`.
+the Flax encoder (every fingerprint checked first); schedulers `ddim`, `euler` and `pndm` (PLMS,
+what SD 1.x ships), by default the folder's own.
 
     pipe = JaxSDPipeline.load("/models/sd15", deltas=["deltas/vangogh"])
     images = pipe.images(prompts, seeds, steps=25, guidance=7.5, height=512, width=512)   # uint8 [B, H, W, 3]
@@ -31,7 +32,9 @@ from hirm_jax.pipelines import schedulers
 from hirm_jax.pipelines.diffusers_weights import load_unet, load_vae
 from hirm_jax.pipelines.vae import to_uint8
 
-JAX_SCHEDULERS = ("ddim", "euler")
+JAX_SCHEDULERS = ("ddim", "euler", "pndm")
+# A folder's own scheduler class, as the name --scheduler would give it.
+OWN_SCHEDULERS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler", "PNDMScheduler": "pndm"}
 SAFETENSORS_PRECISION = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -96,6 +99,9 @@ class JaxSDPipeline:
         from hirm_jax.encoder.layouts import load_text_encoder
         from hirm_jax.encoder.tokenizer import load_clip_tokenizer
         pipeline_dir = Path(pipeline_dir)
+        scheduler_config = read_json(pipeline_dir / "scheduler" / "scheduler_config.json")
+        own = (read_json(pipeline_dir / "model_index.json").get("scheduler") or [None, None])[1]  # as diffusers picks
+        scheduler = scheduler or OWN_SCHEDULERS.get(own, own)
         if scheduler not in JAX_SCHEDULERS:
             raise JaxBackendError(f"--backend jax implements the schedulers {list(JAX_SCHEDULERS)} so far, but "
                                   f"--scheduler is {scheduler!r}: pass one of them (or --backend torch)")
@@ -106,8 +112,7 @@ class JaxSDPipeline:
             encoder = apply_delta_to_flax(encoder, delta_dir, "text_encoder",
                                           stored_precisions(pipeline_dir / "text_encoder"))
         return cls(load_clip_tokenizer(pipeline_dir / "tokenizer"), encoder, load_unet(pipeline_dir / "unet", dtype),
-                   load_vae(pipeline_dir / "vae", dtype), read_json(pipeline_dir / "scheduler" / "scheduler_config.json"),
-                   scheduler)
+                   load_vae(pipeline_dir / "vae", dtype), scheduler_config, scheduler)
 
     def latent_shape(self, height: int, width: int) -> tuple:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -126,9 +126,80 @@ def euler_from_config(config: dict, steps: int) -> Euler:
     return Euler(timesteps, sigmas, prediction, init)
 
 
+# PLMS's combination of the current model output and the last three kept ones, by how many are kept.
+PLMS_WEIGHTS = {1: (1.0, 0.0, 0.0, 0.0), 2: (1.5, -0.5, 0.0, 0.0), 3: (23 / 12, -16 / 12, 5 / 12, 0.0),
+                4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PLMS:
+    """PNDM with skip_prk_steps (what SD 1.x ships): a linear multistep method. Its history rule
+    depends only on the step index, so it is tables per inference step (S + 1 model calls): the
+    timesteps the model sees, the (t, t_prev) each update uses, the weights over [the current
+    output, the last three kept], whether the output is kept, whether the update restarts from the
+    first step's sample (step 1: PNDM's second evaluation of the first interval)."""
+    timesteps: np.ndarray  # [S + 1] int, what the model sees
+    alpha: np.ndarray  # [S + 1] alphas_cumprod at the update's t
+    alpha_prev: np.ndarray  # [S + 1] at its t_prev (or the final alpha)
+    weights: np.ndarray  # [S + 1, 4]
+    keep: np.ndarray  # [S + 1] 1.0: the output joins the history
+    restart: np.ndarray  # [S + 1] 1.0: update from the first step's sample
+    prediction_type: str
+    init_noise_sigma: float = 1.0
+
+    def scale(self, i, sample):
+        return sample
+
+    def init(self, latents):
+        zeros = jnp.zeros_like(latents)
+        return (latents, zeros, zeros, zeros)  # (first sample, last three kept outputs)
+
+    def step_with(self, i, model_output, sample, state):
+        first, e1, e2, e3 = state
+        w = jnp.asarray(self.weights)[i]
+        combined = w[0] * model_output + w[1] * e1 + w[2] * e2 + w[3] * e3
+        sample = jnp.where(jnp.asarray(self.restart)[i] > 0, first, sample)
+        a, a_prev = jnp.asarray(self.alpha)[i], jnp.asarray(self.alpha_prev)[i]
+        if self.prediction_type == "v_prediction":
+            combined = a ** 0.5 * combined + (1 - a) ** 0.5 * sample
+        denominator = a * (1 - a_prev) ** 0.5 + (a * (1 - a) * a_prev) ** 0.5
+        x = (a_prev / a) ** 0.5 * sample - (a_prev - a) * combined / denominator
+        keep = jnp.asarray(self.keep)[i] > 0
+        history = (jnp.where(keep, model_output, e1), jnp.where(keep, e1, e2), jnp.where(keep, e2, e3))
+        return x, (first, *history)
+
+
+def plms_from_config(config: dict, steps: int) -> PLMS:
+    """PNDM (skip_prk_steps=True) from a diffusers scheduler_config.json."""
+    if not config.get("skip_prk_steps", False):
+        raise SchedulerError("scheduler skip_prk_steps=False (PNDM's Runge-Kutta warm-up) is not implemented; "
+                             "SD 1.x ships skip_prk_steps=True")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise SchedulerError(f"pndm: prediction_type must be 'epsilon' or 'v_prediction' but is {prediction!r}")
+    count, spacing = config.get("num_train_timesteps", 1000), config.get("timestep_spacing", "leading")
+    if spacing == "trailing":  # PNDM's own rule: ascending, then -1
+        ascending = np.round(np.arange(count, 0, -count / steps))[::-1].astype(np.int64) - 1
+    else:
+        ascending = inference_timesteps(config, steps)[::-1]
+    seen = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+    ratio = count // steps
+    alphas_cumprod = alphas_cumprod_of(config)
+    final = np.float32(1.0) if config.get("set_alpha_to_one", False) else alphas_cumprod[0]
+    t_update = np.array([t + ratio if i == 1 else t for i, t in enumerate(seen)])
+    t_prev = np.array([t if i == 1 else t - ratio for i, t in enumerate(seen)])
+    kept = [min(max(i, 1), 4) for i in range(len(seen))]  # outputs kept once this one joins (o1 never does)
+    return PLMS(seen, alphas_cumprod[t_update],
+                np.where(t_prev >= 0, alphas_cumprod[np.maximum(t_prev, 0)], final).astype(np.float32),
+                np.array([(0.5, 0.5, 0.0, 0.0) if i == 1 else PLMS_WEIGHTS[kept[i]] for i in range(len(seen))],
+                         np.float32),
+                np.array([0.0 if i == 1 else 1.0 for i in range(len(seen))], np.float32),
+                np.array([1.0 if i == 1 else 0.0 for i in range(len(seen))], np.float32), prediction)
+
+
 def from_name(name: str, config: dict, steps: int):
-    """The scheduler `name` (`ddim`, `euler`) built from a diffusers scheduler_config.json."""
-    builders = {"ddim": ddim_from_config, "euler": euler_from_config}
+    """The scheduler `name` (`ddim`, `euler`, `pndm`) built from a diffusers scheduler_config.json."""
+    builders = {"ddim": ddim_from_config, "euler": euler_from_config, "pndm": plms_from_config}
     if name not in builders:
         raise SchedulerError(f"scheduler must be one of {sorted(builders)} in JAX but is {name!r}")
     return builders[name](config, steps)
@@ -170,6 +241,11 @@ def sample(denoise: Callable, scheduler, latents: jax.Array) -> jax.Array:
     """Run the scheduler from `latents` (already scaled by init_noise_sigma): one lax.scan over
     the inference steps; denoise(x, t) -> the model output at timestep t (guidance inside)."""
     timesteps = jnp.asarray(scheduler.timesteps)
+    if hasattr(scheduler, "init"):  # a multistep scheduler carries its history
+        def body(carry, i):
+            x, state = carry
+            return scheduler.step_with(i, denoise(scheduler.scale(i, x), timesteps[i]), x, state), None
+        return jax.lax.scan(body, (latents, scheduler.init(latents)), jnp.arange(len(scheduler.timesteps)))[0][0]
 
     def body(x, i):
         return scheduler.step(i, denoise(scheduler.scale(i, x), timesteps[i]), x), None
