@@ -342,6 +342,7 @@ def eval_main(argv: Sequence[str]) -> int:
 
 
 def demo_main(argv: Sequence[str]) -> int:
+    from hirm_jax.world import BACKENDS
     from hirm_jax.world.demo import DEFAULT_CONCEPT, METHODS, ROBUST, run_demo
     parser = argparse.ArgumentParser(prog="hirm-jax demo", description="Erase a concept in the shipped demo world and measure it.")
     parser.add_argument("--concept", default=DEFAULT_CONCEPT)
@@ -350,7 +351,7 @@ def demo_main(argv: Sequence[str]) -> int:
     parser.add_argument("--workdir", default="workdirs/demo")
     parser.add_argument("--seeds-per-cell", type=int, default=5)
     parser.add_argument("--world", help="a world folder (default: the shipped one)")
-    parser.add_argument("--backend", default="torch", choices=("torch", "jax"),
+    parser.add_argument("--backend", default="torch", choices=BACKENDS,
                         help="how pictures are drawn: torch (diffusers) or jax (Flax UNet; another noise stream)")
     args = parser.parse_args(argv)
     enable_compilation_cache()

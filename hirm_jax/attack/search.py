@@ -370,9 +370,10 @@ def _gcg(fns, params, prompts, start, settings: AttackSettings):
     losses = start_losses = fns["tokens_loss"](params, prompts, start)
     tokens, restarts = start, start.shape[1]
     item_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(settings.seed), s))(prompts["seed"])
+    step_keys = jax.vmap(lambda i: jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i), restarts))(item_keys))(
+        jnp.arange(settings.steps))  # [S, P, R]: every step's keys at once
     for i in range(settings.steps):
-        keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i), restarts))(item_keys)  # [P, R]
-        tokens, losses = fns["gcg"](params, prompts, tokens, losses, keys)
+        tokens, losses = fns["gcg"](params, prompts, tokens, losses, step_keys[i])
         if (i + 1) % 10 == 0 or i + 1 == settings.steps:
             _log.info(f"attack gcg: step {i + 1}/{settings.steps}, mean best loss {float(jnp.mean(losses.min(1))):.4g}")
     return tokens, losses, start_losses, None

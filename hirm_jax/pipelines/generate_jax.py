@@ -124,7 +124,7 @@ class JaxSDPipeline:
         from hirm_jax.encoder.tokenizer import prompt_ids
         shape = self.latent_shape(height, width)
         if latents is None:
-            latents = np.stack([np.asarray(jax.random.normal(jax.random.key(int(s)), shape)) for s in seeds])
+            latents = schedulers.noise(seeds, shape)
         ids = prompt_ids(self.tokenizer, list(prompts) + [""], self.encoder.config.max_position_embeddings)
         states = self.encoder.apply(self.encoder.params, ids, None)["last_hidden_state"]
         run = _sampler(self.unet.config, self.vae.config, steps, self.scheduler_name, _frozen(self.scheduler_config))
@@ -145,9 +145,6 @@ def _sampler(unet_config, vae_config, steps: int, scheduler_name: str, scheduler
 
     @jax.jit
     def run(unet_params, vae_params, cond, uncond, guidance, latents):
-        unet = UNet(unet_config, unet_params)
-        model = lambda x, t, context: unet.apply(x, t, context)
-        denoise = schedulers.guided(model, cond, jnp.broadcast_to(uncond, cond.shape), guidance)
-        x = schedulers.sample(denoise, scheduler, latents * scheduler.init_noise_sigma)
+        x = schedulers.guided_sample(UNet(unet_config, unet_params).apply, scheduler, cond, uncond, guidance, latents)
         return VAE(vae_config, vae_params).decode(x)
     return run

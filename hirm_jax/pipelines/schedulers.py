@@ -252,6 +252,18 @@ def sample(denoise: Callable, scheduler, latents: jax.Array) -> jax.Array:
     return jax.lax.scan(body, latents, jnp.arange(len(scheduler.timesteps)))[0]
 
 
+def guided_sample(model: Callable, scheduler, cond, uncond, guidance, latents) -> jax.Array:
+    """Sample from `latents` (before init_noise_sigma) with classifier-free guidance: uncond [1 or B, T, D]."""
+    denoise = guided(model, cond, jnp.broadcast_to(uncond, cond.shape), guidance)
+    return sample(denoise, scheduler, latents * scheduler.init_noise_sigma)
+
+
+def noise(seeds, shape: tuple) -> np.ndarray:
+    """[N, *shape] standard normal starting latents, one jax.random stream per seed."""
+    keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
+    return np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.wrap_key_data(k), shape))(keys))
+
+
 def guided(model: Callable, cond, uncond, guidance: float) -> Callable:
     """Classifier-free guidance in one batched pass: model(x2, t, context2) over [uncond; cond]."""
     context = jnp.concatenate([uncond, cond])

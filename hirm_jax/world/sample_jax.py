@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +42,6 @@ def _encoder(world, text_encoder):
     return load_text_encoder(text_encoder)
 
 
-def noise(seeds: Sequence[int], shape: tuple) -> np.ndarray:
-    """[N, *shape] standard normal latents, one jax.random stream per seed."""
-    keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
-    return np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.wrap_key_data(k), shape))(keys))
-
-
 def from_patches(x: np.ndarray) -> np.ndarray:
     """[N, 12, 16, 16] in [-1, 1] -> [N, 32, 32, 3] uint8 (pixel_shuffle, as the torch path)."""
     n, c, h, w = x.shape
@@ -57,15 +51,13 @@ def from_patches(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _sampler(unet_folder: str, steps: int, guidance: float, scheduler_json: str):
+def _sampler(unet_folder: str, steps: int, scheduler_json: str):
     unet = _unet(unet_folder)
     scheduler = schedulers.ddim_from_config(json.loads(scheduler_json), steps)
 
-    def run(params, cond, uncond, latents):
+    def run(params, cond, uncond, guidance, latents):
         model = lambda x, t, context: unet.apply(x, t, context, params=params)
-        uncond = jnp.broadcast_to(uncond, cond.shape)
-        return schedulers.sample(schedulers.guided(model, cond, uncond, guidance), scheduler,
-                                 latents * scheduler.init_noise_sigma)
+        return schedulers.guided_sample(model, scheduler, cond, uncond, guidance, latents)
     return unet, jax.jit(run)
 
 
@@ -87,10 +79,10 @@ def generate_jax(world, text_encoder=None, prompts=(), seeds=(), steps: Optional
     steps = steps or world.config["sample_steps"]
     guidance = float(world.config["guidance"] if guidance is None else guidance)
     scheduler_json = (world.path / "scheduler" / "scheduler_config.json").read_text()
-    unet, run = _sampler(str(world.path / "unet"), steps, guidance, scheduler_json)
+    unet, run = _sampler(str(world.path / "unet"), steps, scheduler_json)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     if latents is None:
-        latents = noise(seeds, shape)
+        latents = schedulers.noise(seeds, shape)
     latents = np.asarray(latents, np.float32)
     if latents.shape != (len(seeds), *shape) or not np.isfinite(latents).all():
         raise ValueError(f"latents must be finite with shape {(len(seeds), *shape)} but have shape {latents.shape}")
@@ -106,6 +98,6 @@ def generate_jax(world, text_encoder=None, prompts=(), seeds=(), steps: Optional
         cond, x = states[:-1][chunk], latents[chunk]
         pad = batch - len(x)
         cond, x = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]) if pad else a for a in (cond, x))
-        images = run(unet.params, _shard(cond, devices), states[-1][None], _shard(x, devices))
+        images = run(unet.params, _shard(cond, devices), states[-1][None], jnp.float32(guidance), _shard(x, devices))
         out.append(from_patches(np.asarray(images, np.float32))[:len(x) - pad])
     return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
