@@ -63,7 +63,8 @@ def diffusers_to_flax(state: dict[str, np.ndarray], abstract: dict, where: str, 
     of the model not built, e.g. the VAE's encoder) are left out."""
     state = {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
     leaves = _leaves(abstract)
-    keys = {path: _rule(path, len(leaf.shape))[0] for path, leaf in leaves.items()}
+    rules = {path: _rule(path, len(leaf.shape)) for path, leaf in leaves.items()}
+    keys = {path: rule[0] for path, rule in rules.items()}
     missing = sorted(set(keys.values()) - set(state))
     unexpected = sorted(set(state) - set(keys.values()))
     if missing or unexpected:
@@ -72,11 +73,11 @@ def diffusers_to_flax(state: dict[str, np.ndarray], abstract: dict, where: str, 
                            f"{' ...' if len(unexpected) > 8 else ''}")
     params: dict = {}
     for path, leaf in leaves.items():
-        key, _, to_flax, _ = _rule(path, len(leaf.shape))
+        key, _, to_flax, to_diffusers = rules[path]
         value = np.asarray(to_flax(np.asarray(state[key])))
         if value.shape != tuple(leaf.shape):
             raise WeightsError(f"{where}: {key} has shape {np.shape(state[key])}, the config asks for "
-                               f"{_rule(path, len(leaf.shape))[3](np.broadcast_to(np.float32(0), leaf.shape)).shape}")
+                               f"{to_diffusers(np.broadcast_to(np.float32(0), leaf.shape)).shape}")
         node = params
         for part in path[:-1]:
             node = node.setdefault(part, {})
