@@ -136,14 +136,13 @@ class PLMS:
     """PNDM with skip_prk_steps (what SD 1.x ships): a linear multistep method. Its history rule
     depends only on the step index, so it is tables per inference step (S + 1 model calls): the
     timesteps the model sees, the (t, t_prev) each update uses, the weights over [the current
-    output, the last three kept], whether the output is kept, whether the update restarts from the
-    first step's sample (step 1: PNDM's second evaluation of the first interval)."""
+    output, the last three kept], and whether the step is PNDM's second evaluation of the first
+    interval (step 1: it updates from the first step's sample and its output is not kept)."""
     timesteps: np.ndarray  # [S + 1] int, what the model sees
     alpha: np.ndarray  # [S + 1] alphas_cumprod at the update's t
     alpha_prev: np.ndarray  # [S + 1] at its t_prev (or the final alpha)
     weights: np.ndarray  # [S + 1, 4]
-    keep: np.ndarray  # [S + 1] 1.0: the output joins the history
-    restart: np.ndarray  # [S + 1] 1.0: update from the first step's sample
+    second: np.ndarray  # [S + 1] bool: the first interval's second evaluation
     prediction_type: str
     init_noise_sigma: float = 1.0
 
@@ -158,14 +157,14 @@ class PLMS:
         first, e1, e2, e3 = state
         w = jnp.asarray(self.weights)[i]
         combined = w[0] * model_output + w[1] * e1 + w[2] * e2 + w[3] * e3
-        sample = jnp.where(jnp.asarray(self.restart)[i] > 0, first, sample)
+        second = jnp.asarray(self.second)[i]
+        sample = jnp.where(second, first, sample)
         a, a_prev = jnp.asarray(self.alpha)[i], jnp.asarray(self.alpha_prev)[i]
         if self.prediction_type == "v_prediction":
             combined = a ** 0.5 * combined + (1 - a) ** 0.5 * sample
         denominator = a * (1 - a_prev) ** 0.5 + (a * (1 - a) * a_prev) ** 0.5
         x = (a_prev / a) ** 0.5 * sample - (a_prev - a) * combined / denominator
-        keep = jnp.asarray(self.keep)[i] > 0
-        history = (jnp.where(keep, model_output, e1), jnp.where(keep, e1, e2), jnp.where(keep, e2, e3))
+        history = (jnp.where(second, e1, model_output), jnp.where(second, e2, e1), jnp.where(second, e3, e2))
         return x, (first, *history)
 
 
@@ -186,15 +185,13 @@ def plms_from_config(config: dict, steps: int) -> PLMS:
     ratio = count // steps
     alphas_cumprod = alphas_cumprod_of(config)
     final = np.float32(1.0) if config.get("set_alpha_to_one", False) else alphas_cumprod[0]
-    t_update = np.array([t + ratio if i == 1 else t for i, t in enumerate(seen)])
-    t_prev = np.array([t if i == 1 else t - ratio for i, t in enumerate(seen)])
-    kept = [min(max(i, 1), 4) for i in range(len(seen))]  # outputs kept once this one joins (o1 never does)
+    second = np.arange(len(seen)) == 1
+    t_update, t_prev = np.where(second, seen + ratio, seen), np.where(second, seen, seen - ratio)
+    weights = np.array([PLMS_WEIGHTS[min(max(i, 1), 4)] for i in range(len(seen))], np.float32)  # o1 is never kept
+    weights[second] = (0.5, 0.5, 0.0, 0.0)
     return PLMS(seen, alphas_cumprod[t_update],
                 np.where(t_prev >= 0, alphas_cumprod[np.maximum(t_prev, 0)], final).astype(np.float32),
-                np.array([(0.5, 0.5, 0.0, 0.0) if i == 1 else PLMS_WEIGHTS[kept[i]] for i in range(len(seen))],
-                         np.float32),
-                np.array([0.0 if i == 1 else 1.0 for i in range(len(seen))], np.float32),
-                np.array([1.0 if i == 1 else 0.0 for i in range(len(seen))], np.float32), prediction)
+                weights, second, prediction)
 
 
 def from_name(name: str, config: dict, steps: int):
@@ -241,15 +238,14 @@ def sample(denoise: Callable, scheduler, latents: jax.Array) -> jax.Array:
     """Run the scheduler from `latents` (already scaled by init_noise_sigma): one lax.scan over
     the inference steps; denoise(x, t) -> the model output at timestep t (guidance inside)."""
     timesteps = jnp.asarray(scheduler.timesteps)
-    if hasattr(scheduler, "init"):  # a multistep scheduler carries its history
-        def body(carry, i):
-            x, state = carry
-            return scheduler.step_with(i, denoise(scheduler.scale(i, x), timesteps[i]), x, state), None
-        return jax.lax.scan(body, (latents, scheduler.init(latents)), jnp.arange(len(scheduler.timesteps)))[0][0]
+    # A multistep scheduler carries its history (init / step_with); a one-step one carries nothing.
+    init = getattr(scheduler, "init", lambda x: ())
+    step = getattr(scheduler, "step_with", lambda i, output, x, state: (scheduler.step(i, output, x), state))
 
-    def body(x, i):
-        return scheduler.step(i, denoise(scheduler.scale(i, x), timesteps[i]), x), None
-    return jax.lax.scan(body, latents, jnp.arange(len(scheduler.timesteps)))[0]
+    def body(carry, i):
+        x, state = carry
+        return step(i, denoise(scheduler.scale(i, x), timesteps[i]), x, state), None
+    return jax.lax.scan(body, (latents, init(latents)), jnp.arange(len(scheduler.timesteps)))[0][0]
 
 
 def guided_sample(model: Callable, scheduler, cond, uncond, guidance, latents) -> jax.Array:
