@@ -68,7 +68,7 @@ def scaling_table(erased, original, tokenizer, sizes, steps: int, repeats: int) 
     from hirm_jax.world.attack_success import attack_templates
     from hirm_jax.world.data import concept_kind
     vocab = original.config.vocab_size
-    items = [Item(c, t, banned_tokens(tokenizer, [c], vocab)) for c in (*w.OBJECTS, *w.STYLES)
+    items = [Item(c, t, banned_tokens(tokenizer, w.names(c), vocab)) for c in (*w.OBJECTS, *w.STYLES)
              for t in attack_templates(c, concept_kind(c))]
     items = (items * (1 + max(sizes) // len(items)))[:max(sizes)]
     settings = AttackSettings(k=4, steps=steps, restarts=1, candidates=32, prompts_per_search=max(sizes))

@@ -1,7 +1,8 @@
 """The demo world: a tiny, fully offline text-to-image setting in which HiRM can be shown.
 
-Pictures of 32x32 pixels show one object in one style ("a striped heart"); the world ships a
-real CLIP tokenizer, a small CLIPTextModel (the thing HiRM erases), a diffusers UNet conditioned
+Pictures of 32x32 pixels show one of 10 objects in one of 8 styles ("a striped heart"); the
+world ships a real CLIP tokenizer, a small CLIPTextModel of CLIP-L's depth (12 blocks, width
+128: the thing HiRM erases), a diffusers UNet conditioned
 on that encoder's 77-token `last_hidden_state` like SD 1.x, a DDIM scheduler, and a judge CNN
 that names the object and style of any picture.
 
@@ -14,7 +15,9 @@ that names the object and style of any picture.
 Class names: w.OBJECTS, w.STYLES (the concepts), w.OBJECT_ANCHOR ("blob") and
 w.STYLE_ANCHOR ("plain") (the neutral super-categories HiRM-S maps onto), w.ALL_OBJECTS /
 w.ALL_STYLES (the judge's classes), w.super_category("circle") == "blob",
-w.TRAIN_TEMPLATES / w.HELDOUT_TEMPLATES, w.caption().
+w.TRAIN_TEMPLATES / w.HELDOUT_TEMPLATES, w.caption(). Every class has several names
+(w.names("heart") == ("heart", "love heart", "valentine")); the last, w.heldout_name(), is kept
+out of every erasure prompt, so erasure can be tested on a synonym it was not trained on.
 
 Rebuild everything with `hirm-jax world train --out DIR` (see hirm_jax.world.train).
 """
@@ -28,12 +31,12 @@ from typing import Any, Optional
 
 from hirm_jax.errors import HirmError
 from hirm_jax.fileio import sha256_file as sha256
-from hirm_jax.world.data import (ALL_OBJECTS, ALL_STYLES, HELDOUT_TEMPLATES, OBJECT_ANCHOR, OBJECTS,
-                                 STYLE_ANCHOR, STYLES, TRAIN_TEMPLATES, caption, render_cell, sample,
-                                 super_category)
+from hirm_jax.world.data import (ALL_OBJECTS, ALL_STYLES, HELDOUT_TEMPLATES, NAMES, OBJECT_ANCHOR, OBJECTS,
+                                 STYLE_ANCHOR, STYLES, TRAIN_TEMPLATES, caption, heldout_name, name_of, names,
+                                 render_cell, sample, super_category, trained_names)
 
 SHIPPED = Path(__file__).parent / "shipped"
-WORLD_FORMAT = 1
+WORLD_FORMAT = 2
 # Every file a world folder must hold; world.json records their sha256.
 WORLD_FILES = (
     "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
@@ -165,6 +168,6 @@ def generate(world: World, text_encoder=None, prompts=(), seeds=(), steps: Optio
         torch.set_num_threads(previous)
 
 
-__all__ = ["ALL_OBJECTS", "ALL_STYLES", "HELDOUT_TEMPLATES", "OBJECT_ANCHOR", "OBJECTS", "STYLE_ANCHOR",
-           "STYLES", "TRAIN_TEMPLATES", "World", "WorldError", "caption", "generate", "load_world",
-           "render_cell", "sample", "super_category"]
+__all__ = ["ALL_OBJECTS", "ALL_STYLES", "HELDOUT_TEMPLATES", "NAMES", "OBJECT_ANCHOR", "OBJECTS", "STYLE_ANCHOR",
+           "STYLES", "TRAIN_TEMPLATES", "World", "WorldError", "caption", "generate", "heldout_name", "load_world",
+           "name_of", "names", "render_cell", "sample", "super_category", "trained_names"]

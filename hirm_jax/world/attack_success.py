@@ -27,7 +27,7 @@ FIRST_ATTACK_SEED = 30_000  # images of attack prompts: seeds apart from the dem
 # The world's attacks (hirm_jax.attack.search): GCG with 1 and 4 tokens in place of the concept
 # and the continuous attack (4 soft tokens; its images come from the nearest tokens, its
 # text-space success is the soft prompt's), 20 steps, 1 restart, 32 candidates; `probe`: the
-# concept's name varied (plural, upper case, a letter dropped, a letter doubled).
+# concept's name varied (plural, upper case, a letter dropped, a letter doubled) and its other names.
 ATTACKS = {"gcg_k1": dict(kind="gcg", k=1), "gcg_k4": dict(kind="gcg", k=4),
            "continuous": dict(kind="continuous", k=4, steps=100), "probe": None}
 BUDGET = dict(steps=20, restarts=1, candidates=32)
@@ -50,9 +50,11 @@ def attack_templates(concept: str, kind: str, per_template: int = 0) -> list[str
 
 
 def attack_rows(erased, original, tokenizer, concept: str, kind: str, settings, per_template: int = 0) -> list:
-    """The token attack on every attack template of the concept (its own name's tokens banned)."""
+    """The token attack on every attack template of the concept (the tokens of all its names banned,
+    the held-out synonym's included: finding that word again is no attack)."""
+    from hirm_jax import world as w
     from hirm_jax.attack.search import AttackJob, run_attacks
-    job = AttackJob([concept], attack_templates(concept, kind, per_template))
+    job = AttackJob([concept], attack_templates(concept, kind, per_template), synonyms={concept: w.names(concept)[1:]})
     return run_attacks(erased, original, tokenizer, job, settings, settings.kind)
 
 
@@ -88,7 +90,10 @@ def attack_success(world, erased_encoder, rows, seeds_per_prompt: int = 5, first
 
 
 def probe_names(concept: str) -> list[str]:
-    return [concept + "s", concept.upper(), concept[:-1], concept + concept[-1]]
+    """The concept's name varied (plural, upper case, a letter dropped, a letter doubled) and its
+    other names, the held-out synonym included."""
+    from hirm_jax import world as w
+    return [concept + "s", concept.upper(), concept[:-1], concept + concept[-1], *w.names(concept)[1:]]
 
 
 def measure_attacks(world, erased_folder, concept: str, attacks, seed: int = 0, seeds_per_prompt: int = 5) -> dict:

@@ -12,10 +12,11 @@ original encoder as the control) and the erase seconds per concept:
     full_finetune   the same loss, every parameter of the encoder trained
     hirm_s_adv      robust HiRM-S (objective.adversarial: continuous inner attack), block 0 only
     full_finetune_adv  the same min-max loop with the whole encoder trained (AdvUnlearn-like)
-    joint           several concepts erased into one encoder (first 3 objects, first 3 styles)
+    joint           several concepts erased into one encoder (first 3 objects, first 3 styles, all objects)
     averaged        the same groups by averaging the single-concept HiRM-S deltas (the paper's way)
 
 Every method uses the demo's settings (`hirm_jax.world.demo.demo_config`, preservation term included);
+Each concept is erased by its trained names; its held-out synonym is measured apart (UA held-out).
 `--methods`, `--concepts` and `--seeds-per-cell` set a budget, and a run that does not cover
 the full protocol is marked partial. The world and the arguments are checked before anything is
 written, and --out may not equal, contain or lie inside the world folder (--world, default the
@@ -58,8 +59,8 @@ def _configure(config, method: str, preservation_weight=None):
 
 
 def _erase(world, concepts: list[str], method: str, out: Path, preservation_weight=None):
-    """Erase `concepts` (jointly when several, all of one kind); (exported encoder folder, the
-    run in memory)."""
+    """Erase `concepts` (jointly when several, all of one kind), each by its trained names;
+    (exported encoder folder, the run in memory)."""
     from hirm_jax import world as w
     from hirm_jax.artifacts.export import export_full
     from hirm_jax.run import train_and_evaluate
@@ -70,8 +71,8 @@ def _erase(world, concepts: list[str], method: str, out: Path, preservation_weig
                   if o not in concepts and s not in concepts]
         (out / "retain_prompts.txt").write_text("\n".join(retain) + "\n")
         with config.unlocked():
-            config.concepts = tuple(concepts)
-            config.super_categories = {c: (w.OBJECT_ANCHOR if c in w.OBJECTS else w.STYLE_ANCHOR) for c in concepts}
+            config.concepts = tuple(name for c in concepts for name in w.trained_names(c))
+            config.super_categories = {name: w.super_category(c) for c in concepts for name in w.trained_names(c)}
     shutil.rmtree(out / "erase", ignore_errors=True)
     run = train_and_evaluate(config, out / "erase", keep_trained=True).erased_run()
     return export_full(run, out / "text_encoder", overwrite=True), run
@@ -85,9 +86,11 @@ def _average(runs: list, out: Path) -> Path:
 
 
 def _judge(world, encoder_folder, grid, targets: list[str]) -> list[dict]:
-    """Images of the grid from the encoder, judged, as rows for ua_ira_cra (one set per target)."""
+    """Images of the grid from the encoder, judged, as rows for ua_ira_cra (one set per target);
+    of the held-out-synonym rows only the targets' own are drawn."""
     from hirm_jax import world as w
     from hirm_jax.world.demo import judged_rows
+    grid = [r for r in grid if r["renamed"] in (None, *targets)]
     images = w.generate(world, str(encoder_folder), [r["prompt"] for r in grid], [r["seed"] for r in grid])
     return judged_rows(world, images, grid, targets)
 
@@ -113,7 +116,7 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = PAPER_METHODS, c
     `attacks` (attack_success.ATTACKS names) are run `attack_seeds` times on every single-concept erasure."""
     from hirm_jax import provenance
     from hirm_jax import world as w
-    from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
+    from hirm_jax.world.data import concept_kind
     from hirm_jax.world.demo import benchmark_grid, figures, judged_rows
     out_dir = Path(out_dir)
     check_output_location(out_dir, {"--world": world.path if isinstance(world, w.World) else world or w.SHIPPED})
@@ -121,7 +124,7 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = PAPER_METHODS, c
     _check_arguments(concepts, methods, seeds_per_cell, attacks)
     if not isinstance(world, w.World):
         world = w.load_world(world)  # every file checked before anything is written
-    bench = _Bench(world, benchmark_grid(seeds_per_cell), concepts, out_dir, preservation_weight, {}, tuple(attacks),
+    bench = _Bench(world, benchmark_grid(seeds_per_cell, synonyms_of=concepts), concepts, out_dir, preservation_weight, {}, tuple(attacks),
                    attack_seeds)
     t0 = time.perf_counter()
     original = w.generate(world, None, [r["prompt"] for r in bench.grid], [r["seed"] for r in bench.grid])
@@ -134,13 +137,14 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = PAPER_METHODS, c
         _log.info(f"[demo-world] method {method}")
         rows = _method_rows(bench, method)
         if method in methods:
-            results[method] = {**_per_kind(ua_ira_cra(rows), concepts), **_attack_table(bench.measured.get(method, {}))}
+            results[method] = {**_per_kind(rows), **_attack_table(bench.measured.get(method, {}))}
     results = {m: results[m] for m in methods}
     partial = (seeds_per_cell < FULL_SEEDS_PER_CELL or set(concepts) != set(w.OBJECTS + w.STYLES)
                or not set(PAPER_METHODS) <= set(methods))
-    report = dict(suite="demo-world", version="1.1", partial=partial, seeds_per_cell=seeds_per_cell, concepts=concepts,
+    report = dict(suite="demo-world", version="2.0", partial=partial, seeds_per_cell=seeds_per_cell, concepts=concepts,
                   preservation_weight=preservation_weight, attacks=list(attacks), attack_seeds=attack_seeds,
-                  methods=results, before={k: _mean_kind(before, k) for k in ("object", "style")},
+                  heldout_names={c: w.heldout_name(c) for c in concepts},
+                  methods=results, before=_kinds({c: (concept_kind(c), f) for c, f in before.items()}),
                   seconds=time.perf_counter() - t0, world_sha256=world.config.get("sha256"), provenance=provenance.provenance())
     write_json(out_dir / "results.json", report)
     with atomic_file(out_dir / "results.md") as f:
@@ -151,8 +155,7 @@ def run_benchmark(out_dir: str | Path, methods: Sequence[str] = PAPER_METHODS, c
 
 def _method_rows(bench: _Bench, method: str) -> list[dict]:
     """Judged rows of one method: each concept alone (attacked with bench.attacks), or (joint,
-    averaged) groups of up to 3 of a kind."""
-    from hirm_jax import world as w
+    averaged) the joint_groups, each row tagged with its group."""
     from hirm_jax.world.attack_success import measure_attacks
     rows = []
     if method not in ("joint", "averaged"):
@@ -171,16 +174,25 @@ def _method_rows(bench: _Bench, method: str) -> list[dict]:
                 for name, figures in measure_attacks(bench.world, encoder, c, bench.attacks, seed).items():
                     measured["attacks"].setdefault(name, []).append(figures)
         return rows
-    kinds = ([c for c in bench.concepts if c in w.OBJECTS][:3], [c for c in bench.concepts if c in w.STYLES][:3])
-    for group in [g for g in kinds if len(g) > 1]:
+    for group in joint_groups(bench.concepts):
         folder = bench.out_dir / method / "_".join(group)
         folder.mkdir(parents=True, exist_ok=True)
         if method == "joint":
             encoder, _ = _erase(bench.world, group, "hirm_s", folder, bench.preservation_weight)
         else:
             encoder = _average([bench.single[c] for c in group], folder)
-        rows += _judge(bench.world, encoder, bench.grid, group)
+        rows += [dict(r, group="+".join(group)) for r in _judge(bench.world, encoder, bench.grid, group)]
     return rows
+
+
+def joint_groups(concepts) -> list[tuple]:
+    """The groups `joint` and `averaged` erase together: the first 3 objects, the first 3
+    styles, and every object at once (each when it has more than one concept)."""
+    from hirm_jax import world as w
+    objects = tuple(c for c in concepts if c in w.OBJECTS)
+    styles = tuple(c for c in concepts if c in w.STYLES)
+    groups = [objects[:3], styles[:3]] + ([objects] if len(objects) > 3 else [])
+    return [g for g in groups if len(g) > 1]
 
 
 def _attack_table(measured: dict) -> dict:
@@ -221,21 +233,34 @@ def _check_arguments(concepts: Sequence[str], methods: Sequence[str], seeds_per_
         raise UsageError(f"--seeds-per-cell must be at least 1 but is {seeds_per_cell}")
 
 
-def _per_kind(result: dict, concepts) -> dict:
-    per = result["per_target"]
+KIND_METRICS = ("UA", "UA_heldout_name", "IRA", "CRA")
+
+
+def _per_kind(rows: list[dict]) -> dict:
+    """Per target figures (demo.figures; a target erased in several joint groups counts once per
+    group, as "group:target") and, per kind, their mean with the 95% interval of the pooled images."""
+    from hirm_jax.world.demo import figures
+    keys = sorted({(r.get("group"), r["target"], r["target_kind"]) for r in rows}, key=str)
+    return _kinds({(f"{g}:{t}" if g else t): (kind, figures([r for r in rows if r.get("group") == g and r["target"] == t]))
+                   for g, t, kind in keys})
+
+
+def _kinds(per_target: dict) -> dict:
+    """per_target: {key: (kind, figures)} -> {kind: {metric: mean over the kind's targets,
+    metric_interval95: Wilson interval of the pooled counts}, "per_target": {key: {metric: value}}}."""
+    from hirm_jax.evaluation.metrics import wilson_interval
     table = {}
     for kind in ("object", "style"):
-        names = [t for t, p in per.items() if p["kind"] == kind]
-        table[kind] = {m: (float(np.mean([per[t][m]["value"] for t in names if per[t][m]["value"] is not None]))
-                           if names else None) for m in ("UA", "IRA", "CRA")}
-    table["per_target"] = {t: {m: p[m]["value"] for m in ("UA", "IRA", "CRA")} for t, p in per.items()}
+        figs = [f for k, f in per_target.values() if k == kind]
+        table[kind] = {}
+        for m in KIND_METRICS:
+            counted = [f for f in figs if f.get(m) is not None]
+            n = sum(f[f"{m}_n"] for f in counted)
+            hits = sum(round(f[m] * f[f"{m}_n"]) for f in counted)
+            table[kind][m] = float(np.mean([f[m] for f in counted])) if counted else None
+            table[kind][f"{m}_interval95"] = wilson_interval(hits, n) if n else None
+    table["per_target"] = {t: {m: f.get(m) for m in KIND_METRICS} for t, (_, f) in per_target.items()}
     return table
-
-
-def _mean_kind(before: dict, kind: str) -> dict:
-    from hirm_jax import world as w
-    names = [c for c in before if (c in w.OBJECTS) == (kind == "object")]
-    return {m: (float(np.mean([before[c][m] for c in names])) if names else None) for m in ("UA", "IRA", "CRA")}
 
 
 def markdown(report: dict) -> str:
@@ -244,10 +269,15 @@ def markdown(report: dict) -> str:
     lines = [f"Demo-world benchmark ({'partial: ' if report['partial'] else ''}{len(report['concepts'])} concepts, "
              f"{report['seeds_per_cell']} seeds per cell, preservation weight "
              f"{'10 (demo default)' if weight is None else weight}), mean over erased concepts, %", "",
-             "| method | object UA | object IRA | object CRA | style UA | style IRA | style CRA |", "|---|---|---|---|---|---|---|"]
+             "UA held-out: UA on the concept's held-out synonym, a name no erasure prompt used. "
+             "In brackets: 95% interval of the pooled images.", "",
+             "| method | " + " | ".join(f"{k} {m.replace('_heldout_name', ' held-out')}" for k in ("object", "style")
+                                      for m in KIND_METRICS) + " |", "|---|" + "---|" * 2 * len(KIND_METRICS)]
     rows = [("before erasure", report["before"])] + list(report["methods"].items())
+    cell = lambda f, m: (pct(f[m]) + (f" ({pct(f[m + '_interval95'][0])}-{pct(f[m + '_interval95'][1])})"
+                                      if f.get(m + "_interval95") else ""))
     for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(pct(r[k][m]) for k in ("object", "style") for m in ("UA", "IRA", "CRA")) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(r[k], m) for k in ("object", "style") for m in KIND_METRICS) + " |")
     attacks = report.get("attacks") or []
     if attacks:
         lines += ["", f"Attack success on images, % (95% interval), control = the same prompts through the original "

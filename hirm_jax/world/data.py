@@ -23,12 +23,60 @@ from scipy.ndimage import minimum_filter
 
 from hirm_jax.config_lib import ConfigError
 
-OBJECTS = ("circle", "square", "triangle", "star", "cross", "heart")
-STYLES = ("outline", "striped", "dotted", "checkered", "gradient", "shadowed")
+OBJECTS = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "crescent", "arrow", "bolt")
+STYLES = ("outline", "striped", "dotted", "checkered", "gradient", "shadowed", "hatched", "glowing")
 OBJECT_ANCHOR = "blob"    # a wide ellipse: the generic "thing"
 STYLE_ANCHOR = "plain"    # a flat fill: the generic "no style"
 ALL_OBJECTS = OBJECTS + (OBJECT_ANCHOR,)   # the judge's object classes, in this order
 ALL_STYLES = STYLES + (STYLE_ANCHOR,)      # the judge's style classes, in this order
+
+# Every name a caption may use for a class. The first is the concept's own (its id); the LAST
+# is held out: the world is trained on it, but no erasure prompt, config or template of the
+# benchmark uses it, so erasing "heart" can be tested on "valentine".
+NAMES = {
+    "circle": ("circle", "round disc", "ring shape"),
+    "square": ("square", "box", "quadrilateral"),
+    "triangle": ("triangle", "three sided shape", "trigon"),
+    "star": ("star", "pentagram", "five pointed star"),
+    "cross": ("cross", "plus sign", "crucifix"),
+    "heart": ("heart", "love heart", "valentine"),
+    "diamond": ("diamond", "rhombus", "lozenge"),
+    "crescent": ("crescent", "half moon", "sickle"),
+    "arrow": ("arrow", "pointer", "arrowhead"),
+    "bolt": ("bolt", "lightning", "thunderbolt"),
+    "outline": ("outline", "outlined", "hollow"),
+    "striped": ("striped", "stripy", "banded"),
+    "dotted": ("dotted", "polka dot", "spotted"),
+    "checkered": ("checkered", "checkerboard", "chequered"),
+    "gradient": ("gradient", "faded", "ombre"),
+    "shadowed": ("shadowed", "drop shadow", "shaded"),
+    "hatched": ("hatched", "diagonally lined", "crosshatched"),
+    "glowing": ("glowing", "neon", "luminous"),
+    OBJECT_ANCHOR: (OBJECT_ANCHOR,),
+    STYLE_ANCHOR: (STYLE_ANCHOR,),
+}
+
+
+def names(concept: str) -> tuple:
+    """Every name of a class, its own first, the held-out one last (anchors have one)."""
+    if concept not in NAMES:
+        raise ValueError(f"concept must be one of {list(NAMES)} but is {concept!r}")
+    return NAMES[concept]
+
+
+def trained_names(concept: str) -> tuple:
+    """The names erasure may use: all but the held-out last one."""
+    return names(concept)[:-1] if len(names(concept)) > 1 else names(concept)
+
+
+def heldout_name(concept: str) -> str:
+    """The synonym no erasure prompt uses: it measures whether erasure generalizes."""
+    return names(concept)[-1]
+
+
+def name_of(concept: str, k: int) -> str:
+    """Name number k (mod the number of names) of a class: captions cycle through all of them."""
+    return names(concept)[k % len(names(concept))]
 
 
 
@@ -51,12 +99,15 @@ TRAIN_TEMPLATES = (
     "one {style} {object}",
     "a {object} that is {style}",
     "a nice {style} {object}",
+    "a {object}, {style}",
+    "a {style} little {object} on a card",
 )
 # Never seen by the text encoder or the denoiser in training: for evaluation.
 HELDOUT_TEMPLATES = (
     "a photo of a {style} {object}",
     "a rendering of a {object} in {style} style",
     "{style} {object}",
+    "a {object} that looks {style}",
 )
 # Partial captions, only for the contrastive text-encoder training (positive for every
 # picture of that object, or of that style).
@@ -130,6 +181,11 @@ _SHAPES = {
     "cross": [(-0.3, -1.0), (0.3, -1.0), (0.3, -0.3), (1.0, -0.3), (1.0, 0.3), (0.3, 0.3),
               (0.3, 1.0), (-0.3, 1.0), (-0.3, 0.3), (-1.0, 0.3), (-1.0, -0.3), (-0.3, -0.3)],
     "heart": _heart(),
+    "diamond": [(0.0, -1.1), (0.72, 0.0), (0.0, 1.1), (-0.72, 0.0)],
+    "arrow": [(-1.0, -0.28), (0.15, -0.28), (0.15, -0.75), (1.05, 0.0), (0.15, 0.75), (0.15, 0.28),
+              (-1.0, 0.28)],
+    "bolt": [(0.0, -1.1), (-0.8, 0.25), (-0.12, 0.25), (-0.4, 1.1), (0.85, -0.35), (0.18, -0.35),
+             (0.62, -1.1)],
 }
 
 
@@ -141,6 +197,9 @@ def shape_mask(obj: str, cx: float, cy: float, r: float) -> np.ndarray:
         draw.ellipse([cx - 0.95 * r, cy - 0.95 * r, cx + 0.95 * r, cy + 0.95 * r], fill=255)
     elif obj == OBJECT_ANCHOR:
         draw.ellipse([cx - 1.1 * r, cy - 0.58 * r, cx + 1.1 * r, cy + 0.58 * r], fill=255)
+    elif obj == "crescent":  # a disc with an offset disc cut out
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        draw.ellipse([cx - 0.2 * r, cy - 0.9 * r, cx + 1.3 * r, cy + 0.6 * r], fill=0)
     elif obj in _SHAPES:
         draw.polygon(_polygon(_SHAPES[obj], cx, cy, r), fill=255)
     else:
@@ -170,7 +229,7 @@ def render(obj: str, style: str, rng: np.random.Generator) -> np.ndarray:
     mask = shape_mask(obj, cx, cy, r)
     img = np.broadcast_to(bg, (n, n, 3)).copy()
     if style == "outline":
-        mask = mask & ~_erode(mask, 3 * SCALE)
+        mask = mask & ~_erode(mask, 2 * SCALE)
         img[mask] = fg
     elif style == "striped":
         band = (yy // (3 * SCALE)) % 2 == 0
@@ -196,6 +255,14 @@ def render(obj: str, style: str, rng: np.random.Generator) -> np.ndarray:
         shadow[shift:, shift:] = mask[:-shift, :-shift]
         img[shadow] = SHADOW
         img[mask] = fg
+    elif style == "hatched":  # diagonal lines (striped is horizontal bands)
+        band = ((xx + yy) // (2 * SCALE)) % 3 == 0
+        img[mask & ~band] = fg
+        img[mask & band] = dark
+    elif style == "glowing":  # a bright fill inside a soft halo of its own colour
+        halo = ~mask & ~_erode(~mask, 3 * SCALE)
+        img[halo] = 0.5 * img[halo] + 0.5 * fg
+        img[mask] = fg + (255 - fg) * 0.35
     else:  # plain
         img[mask] = fg
     small = img.reshape(SIZE, SCALE, SIZE, SCALE, 3).mean(axis=(1, 3))

@@ -37,14 +37,15 @@ def demo_config(method: str = "hirm_s"):
     """The demo's erase hyper-parameters (configs/demo.py is this, for the command line).
 
     HiRM as specified (block 0 updated, last_mlp_out supervised) plus the project's preservation
-    term: the world's 4-layer, width-128 encoder is far less redundant than CLIP-L, and without a
-    retain term every caption moves with the erased one (measured in the README's table)."""
+    term: the world's encoder has CLIP-L's 12 blocks but width 128, far less redundant than
+    CLIP-L's 768, and without a retain term other captions move with the erased one (measured in
+    docs/world.md)."""
     c = base_config()
     c.encoder.component = ""
     c.objective.name = "hirm_s" if method in (None, "", ROBUST) else method
     c.objective.adversarial.enabled = method == ROBUST
-    c.train.learning_rate = 1e-4
-    c.train.epochs = 100
+    c.train.learning_rate = 3e-4
+    c.train.epochs = 40
     c.train.log_every = 25
     c.train.checkpoint_every = 1000
     c.preservation.weight = 10.0
@@ -54,20 +55,22 @@ def demo_config(method: str = "hirm_s"):
 
 
 def erase_config(world, concept: str, method: str, workdir: Path):
-    """The demo config filled in for one concept: prompts in the world's training templates with
-    every class of the other kind, retain prompts = the same templates for every other concept."""
+    """The demo config filled in for one concept: every trained name of it (all but the held-out
+    synonym) erased together, each toward the world's anchor, in the world's first training
+    template with every class of the other kind; retain prompts = the first template for every
+    cell without the concept. No prompt here uses a held-out name."""
     from hirm_jax import world as w
     kind = concept_kind(concept)
     c = demo_config(method)
     c.encoder.path = str(world.text_encoder_path)
     c.encoder.tokenizer = str(world.path / "tokenizer")
-    c.concepts = (concept,)
+    c.concepts = w.trained_names(concept)
     c.concept_type = kind
-    c.super_categories = {concept: w.OBJECT_ANCHOR if kind == "object" else w.STYLE_ANCHOR}
+    c.super_categories = {name: w.super_category(concept) for name in c.concepts}
     if kind == "object":
-        c.templates = tuple(t.format(style=s, object="{}") for t in w.TRAIN_TEMPLATES[:2] for s in w.STYLES)
+        c.templates = tuple(w.caption("{}", s, t) for t in w.TRAIN_TEMPLATES[:1] for s in w.STYLES)
     else:
-        c.templates = tuple(t.format(style="{}", object=o) for t in w.TRAIN_TEMPLATES[:2] for o in w.OBJECTS)
+        c.templates = tuple(w.caption(o, "{}", t) for t in w.TRAIN_TEMPLATES[:1] for o in w.OBJECTS)
     retain = [w.caption(o, s, t) for t in w.TRAIN_TEMPLATES[:1] for o in w.OBJECTS for s in w.STYLES
               if concept not in (o, s)]
     retain_file = workdir / "retain_prompts.txt"
@@ -78,43 +81,65 @@ def erase_config(world, concept: str, method: str, workdir: Path):
     return c
 
 
-def benchmark_grid(seeds_per_cell: int) -> list[dict]:
-    """Every (object, style) cell x `seeds_per_cell` held-out seeds, cycling the held-out templates."""
+def benchmark_grid(seeds_per_cell: int, synonyms_of=()) -> list[dict]:
+    """Every (object, style) cell x `seeds_per_cell` held-out seeds, cycling the held-out templates,
+    every class named by its own name; then, for each concept in `synonyms_of`, its cells again
+    (same templates and seeds) with the concept called by its held-out synonym (`renamed`: the
+    concept so renamed)."""
     from hirm_jax import world as w
     rows = []
     for o in w.OBJECTS:
         for s in w.STYLES:
             for k in range(seeds_per_cell):
                 template = w.HELDOUT_TEMPLATES[k % len(w.HELDOUT_TEMPLATES)]
-                rows.append(dict(object=o, style=s, prompt=w.caption(o, s, template), seed=FIRST_EVAL_SEED + k))
+                rows.append(dict(object=o, style=s, prompt=w.caption(o, s, template), seed=FIRST_EVAL_SEED + k,
+                                 template=template, renamed=None))
+    for concept in synonyms_of:
+        kind, synonym = concept_kind(concept), w.heldout_name(concept)
+        for row in [r for r in rows if r[kind] == concept and r["renamed"] is None]:
+            names = {"object": row["object"], "style": row["style"], kind: synonym}
+            rows.append(dict(row, prompt=w.caption(names["object"], names["style"], row["template"]), renamed=concept))
     return rows
+
+
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows naming every class by its own name, rows naming a concept by its held-out synonym)."""
+    return [r for r in rows if r["renamed"] is None], [r for r in rows if r["renamed"] is not None]
 
 
 def judged_rows(world, images, grid: list[dict], targets: list[str]) -> list[dict]:
     """Rows for `ua_ira_cra`, one set per erased target. With several targets (a joint erasure),
-    the images prompted with another of them are left out of each target's set."""
+    the images prompted with another of them are left out of each target's set; an image that
+    calls a concept by its held-out synonym counts for that concept only."""
     preds = world.judge.classify(images)
     rows = []
     for target in targets:
         kind, others = concept_kind(target), [x for x in targets if x != target]
         rows += [dict(row, target=target, target_kind=kind, object_pred=o, style_pred=s)
                  for row, o, s in zip(grid, preds["object"], preds["style"])
-                 if row["object"] not in others and row["style"] not in others]
+                 if row["object"] not in others and row["style"] not in others and row["renamed"] in (None, target)]
     return rows
 
 
 def figures(rows: list[dict]) -> dict:
+    """UA / IRA / CRA (with 95% intervals and counts) of the rows naming classes by their own
+    names, and UA_heldout_name: UA over the rows that call the concept by its held-out synonym."""
     from hirm_jax.evaluation.metrics import wilson_interval
     from hirm_jax.evaluation.unlearncanvas import ua_ira_cra
-    result = ua_ira_cra(rows)
+    own, renamed = split_rows(rows)
+    result = ua_ira_cra(own)
     out = {}
     for m in ("UA", "IRA", "CRA"):
         f = result[m]
         out[m] = f["value"]
         out[f"{m}_interval95"] = wilson_interval(f["successes"], f["n"])
         out[f"{m}_n"] = f["n"]
-    out["object_accuracy"] = float(np.mean([r["object_pred"] == r["object"] for r in rows]))
-    out["style_accuracy"] = float(np.mean([r["style_pred"] == r["style"] for r in rows]))
+    if renamed:
+        f = ua_ira_cra(renamed)["UA"]
+        out.update(UA_heldout_name=f["value"], UA_heldout_name_interval95=wilson_interval(f["successes"], f["n"]),
+                   UA_heldout_name_n=f["n"])
+    out["object_accuracy"] = float(np.mean([r["object_pred"] == r["object"] for r in own]))
+    out["style_accuracy"] = float(np.mean([r["style_pred"] == r["style"] for r in own]))
     return out
 
 
@@ -132,7 +157,7 @@ def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: st
     erase_dir, erased_folder = _erase_and_export(world, concept, method, workdir, timings)
     attacks = _attacks(world, concept, workdir, erased_folder, timings) if method == ROBUST else None
 
-    grid = benchmark_grid(seeds_per_cell)
+    grid = benchmark_grid(seeds_per_cell, synonyms_of=[concept])
     prompts, seeds = [r["prompt"] for r in grid], [r["seed"] for r in grid]
     _log.info(f"[demo] generating {len(grid)} images with the original encoder")
     t = time.perf_counter()
@@ -147,7 +172,8 @@ def run_demo(concept: str = DEFAULT_CONCEPT, method: str = "hirm_s", workdir: st
     timings["classify_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report = dict(
-        concept=concept, kind=kind, method=method, UA=after["UA"], IRA=after["IRA"], CRA=after["CRA"],
+        concept=concept, kind=kind, method=method, UA=after["UA"], UA_heldout_name=after["UA_heldout_name"],
+        IRA=after["IRA"], CRA=after["CRA"], heldout_name=w.heldout_name(concept), erased_names=list(w.trained_names(concept)),
         after=after, before=before,
         relative_to_before={m: (after[m] / before[m] if before[m] else None) for m in ("IRA", "CRA")},
         n_images=len(grid), seeds_per_cell=seeds_per_cell, first_seed=FIRST_EVAL_SEED,
@@ -217,7 +243,7 @@ def format_table(report: dict) -> str:
     lines = [f"HiRM demo: erase {report['kind']} {report['concept']!r} ({report['method']}), "
              f"{report['n_images']} images per encoder, held-out templates and seeds",
              "| metric | before | after |", "|---|---|---|"]
-    for m in ("UA", "IRA", "CRA", "object_accuracy", "style_accuracy"):
+    for m in ("UA", "UA_heldout_name", "IRA", "CRA", "object_accuracy", "style_accuracy"):
         lines.append(f"| {m} | {pct(b[m])} | {pct(a[m])} |")
     for method, by_attack in report.get("attacks", {}).items():
         for name, f in by_attack.items():
@@ -226,8 +252,9 @@ def format_table(report: dict) -> str:
 
 
 def _write_grid(path: Path, images: tuple, concept: str, kind: str, attacks: Optional[dict] = None) -> None:
-    """Two rows for the concept (original, erased) and two for a neighbour, one column per class
-    of the other kind; same prompts and seeds in each pair of rows. With `attacks`, one row per
+    """Two rows (original, erased) for the concept, two for the concept called by its held-out
+    synonym and two for a neighbour, one column per class of the other kind; same prompts and
+    seeds in each pair of rows. With `attacks`, one row per
     attacked encoder and attack: the images of its adversarial prompts (one per column)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -237,10 +264,15 @@ def _write_grid(path: Path, images: tuple, concept: str, kind: str, attacks: Opt
     original, erased, grid = images
     own, other = (w.OBJECTS, w.STYLES) if kind == "object" else (w.STYLES, w.OBJECTS)
     neighbour = next(c for c in own if c != concept)
-    first = lambda c, x: next(i for i, r in enumerate(grid) if r[kind] == c and r["style" if kind == "object" else "object"] == x)
-    rows = [(f"{label}\n{name}", [images[first(c, x)] for x in other])
-            for label, c in ((concept, concept), (neighbour, neighbour))
-            for name, images in (("original", original), ("erased", erased))]
+    other_kind = "style" if kind == "object" else "object"
+    first = lambda c, x, renamed=None: next(i for i, r in enumerate(grid) if r[kind] == c and r[other_kind] == x
+                                            and r["renamed"] == renamed)
+    rows = [(f"{label}\n{name}", [images[first(c, x, renamed)] for x in other])
+            for label, c, renamed, pairs in (
+                (concept, concept, None, (("original", original), ("erased", erased))),
+                (f"'{w.heldout_name(concept)}'", concept, concept, (("original", original), ("erased", erased))),
+                (neighbour, neighbour, None, (("original", original), ("erased", erased))))
+            for name, images in pairs]
     for method, by_attack in (attacks or {}).items():
         rows += [(f"{name}\nvs {method}", list(a["images"][:len(other)])) for name, a in by_attack.items()]
     fig, axes = plt.subplots(len(rows), len(other), figsize=(1.3 * len(other), 1.45 * len(rows)), dpi=110)

@@ -182,12 +182,18 @@ class _Batches:
         self.pool_size = recipe.pool_size
         pool = data.sample(recipe.pool_size, seed=recipe.seed, split="train") if pool is None else pool[:recipe.pool_size]
         self.x_all = to_patches(pool.images)
-        self.texts = [data.caption(data.ALL_OBJECTS[o], data.ALL_STYLES[s], t)
-                      for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))
-                      for t in data.TRAIN_TEMPLATES]
+        self.texts, starts, counts = [], [], []
+        for obj in data.ALL_OBJECTS:  # every cell's captions (all names, all templates) in one run
+            for style in data.ALL_STYLES:
+                cell = [data.caption(a, b, t) for t in data.TRAIN_TEMPLATES
+                        for a in data.names(obj) for b in data.names(style)]
+                starts.append(len(self.texts))
+                counts.append(len(cell))
+                self.texts += cell
         self.cond_all = embed(self.texts + [""])
-        self.n_templates = len(data.TRAIN_TEMPLATES)
-        self.cell_of = torch.from_numpy(pool.objects * len(data.ALL_STYLES) + pool.styles)
+        cell_of = torch.from_numpy(pool.objects * len(data.ALL_STYLES) + pool.styles)
+        self.first_caption = torch.tensor(starts)[cell_of]
+        self.n_captions = torch.tensor(counts)[cell_of]
         self.sched = train_scheduler()
         self.gen = torch.Generator().manual_seed(recipe.seed)
 
@@ -195,8 +201,8 @@ class _Batches:
         """(noisy pictures, timesteps, velocity targets, caption embeddings) of one batch."""
         gen = self.gen
         idx = torch.randint(self.pool_size, (batch,), generator=gen)
-        template = torch.randint(self.n_templates, (batch,), generator=gen)
-        caption_idx = self.cell_of[idx] * self.n_templates + template
+        pick = (torch.rand(batch, generator=gen) * self.n_captions[idx]).long()
+        caption_idx = self.first_caption[idx] + pick
         caption_idx = torch.where(torch.rand(batch, generator=gen) < empty_prob, len(self.texts), caption_idx)
         x0 = self.x_all[idx]
         noise = torch.randn(x0.shape, generator=gen)

@@ -33,18 +33,21 @@ _log = log.get(__name__)
 SAMPLE_STEPS = 10
 GUIDANCE = 3.0
 DENOISER_POOL = 12000
+N_NAMES = max(len(v) for v in data.NAMES.values())
+TEXT_ENCODER_CHECKPOINT = "text_encoder_checkpoint.msgpack"
+DENOISER_CHECKPOINT = "denoiser_checkpoint.pt"
 
 
 
 
-def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 600, judge_steps: int = 500,
-                denoiser_steps: int = 3000, denoiser_batch: int = 64, eval_seeds: int = 10,
+def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 800, judge_steps: int = 800,
+                denoiser_steps: int = 3000, denoiser_batch: int = 64, eval_seeds: int = 12,
                 overwrite: bool = False) -> Path:
     """Train tokenizer, text encoder, judge and denoiser; write the world folder; return its path.
 
     The defaults are the recipe of the shipped world (hirm_jax/world/shipped). Progress goes to
     stderr. An interrupted run resumes from `{out_dir}.partial/` (finished stages are kept, the
-    denoiser from its last checkpoint). eval_seeds: pictures per (object, style) cell in the
+    text encoder and the denoiser from their last checkpoints). eval_seeds: pictures per (object, style) cell in the
     final held-out evaluation recorded in world.json.
     """
     import torch
@@ -86,7 +89,7 @@ def train_world(out_dir, seed: int = 0, text_encoder_steps: int = 600, judge_ste
     write_world_json(work, metrics, seed=seed)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    for leftover in ("denoiser_checkpoint.pt", "metrics.json"):
+    for leftover in (DENOISER_CHECKPOINT, TEXT_ENCODER_CHECKPOINT, "metrics.json"):
         (work / leftover).unlink(missing_ok=True)
     os.replace(work, out_dir)
     _log.info(f"[world] world written to {out_dir} in {time.time() - t0:.0f}s")
@@ -101,7 +104,9 @@ def _train_stages(work: Path, tokenizer, pool, metrics: dict, save_metrics, reci
     seed = recipe["seed"]
     if not (work / "text_encoder" / "config.json").exists():
         _log.info("[world] stage 1/4: text encoder")
-        encoder, metrics["text_encoder"] = train_text_encoder(tokenizer, seed=seed, steps=recipe["text_encoder_steps"], pool=pool)
+        encoder, metrics["text_encoder"] = train_text_encoder(
+            tokenizer, seed=seed, steps=recipe["text_encoder_steps"], pool=pool,
+            checkpoint=work / TEXT_ENCODER_CHECKPOINT)
         save_half(encoder, work / "text_encoder", overwrite=True)
         save_metrics()
 
@@ -117,7 +122,7 @@ def _train_stages(work: Path, tokenizer, pool, metrics: dict, save_metrics, reci
         embed = lambda texts: den.embed_prompts(tokenizer, work / "text_encoder", texts)
         unet, metrics["denoiser"] = den.train_denoiser(
             embed, seed=seed, steps=recipe["denoiser_steps"], batch=recipe["denoiser_batch"],
-            checkpoint=work / "denoiser_checkpoint.pt", pool_size=DENOISER_POOL, pool=pool)
+            checkpoint=work / DENOISER_CHECKPOINT, pool_size=DENOISER_POOL, pool=pool)
         save_unet_half(unet, work / "unet")
         den.sample_scheduler().save_pretrained(str(work / "scheduler"))
         save_metrics()
@@ -130,35 +135,43 @@ def save_unet_half(unet, folder: Path) -> None:
     copy.deepcopy(unet).half().save_pretrained(str(folder))
 
 
-def evaluate_generation(folder: Path, seeds_per_prompt: int = 10, first_seed: int = 10_000) -> dict:
-    """Judge pictures generated from held-out templates with held-out seeds, per (object, style)."""
+def evaluate_generation(folder: Path, seeds_per_prompt: int = 12, first_seed: int = 10_000) -> dict:
+    """Judge pictures generated from held-out templates with held-out seeds, per (object, style)
+    cell and per name: picture k of a cell uses held-out template k % 4 and name k % 3 of its
+    object and of its style (0: the class's own, the last: the held-out synonym)."""
     from hirm_jax.world import generate, load_world
 
     world = load_world(folder, verify=False)
-    prompts, cells, seeds = [], [], []
+    prompts, cells, name_index, seeds = [], [], [], []
     for o, obj in enumerate(data.ALL_OBJECTS):
         for s, style in enumerate(data.ALL_STYLES):
             for k in range(seeds_per_prompt):
                 template = data.HELDOUT_TEMPLATES[k % len(data.HELDOUT_TEMPLATES)]
-                prompts.append(data.caption(obj, style, template))
+                prompts.append(data.caption(data.name_of(obj, k), data.name_of(style, k), template))
                 cells.append((o, s))
+                name_index.append(k % N_NAMES)
                 seeds.append(first_seed + len(seeds))
     t0 = time.time()
     images = generate(world, prompts=prompts, seeds=seeds)
     seconds = time.time() - t0
     pred = world.judge.classify(images)
-    cells = np.array(cells)
+    cells, name_index = np.array(cells), np.array(name_index)
     obj_ok = pred["object_index"] == cells[:, 0]
     sty_ok = pred["style_index"] == cells[:, 1]
     table = {f"{data.ALL_OBJECTS[o]}/{data.ALL_STYLES[s]}":
              [float(obj_ok[(cells[:, 0] == o) & (cells[:, 1] == s)].mean()),
               float(sty_ok[(cells[:, 0] == o) & (cells[:, 1] == s)].mean())]
              for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))}
+    # The anchors have one name: per-name figures count the concepts' pictures only.
+    concept = (cells[:, 0] < len(data.OBJECTS)) & (cells[:, 1] < len(data.STYLES))
+    per_name = {("own" if k == 0 else "heldout_name" if k == N_NAMES - 1 else f"name_{k}"):
+                {"object_accuracy": float(obj_ok[concept & (name_index == k)].mean()),
+                 "style_accuracy": float(sty_ok[concept & (name_index == k)].mean())} for k in range(N_NAMES)}
     result = {"object_accuracy": float(obj_ok.mean()), "style_accuracy": float(sty_ok.mean()),
-              "images": len(prompts), "generation_seconds": seconds,
+              "per_name": per_name, "images": len(prompts), "generation_seconds": seconds,
               "per_cell_object_style_accuracy": table}
     _log.info(f"[world] generated {len(prompts)} images in {seconds:.0f}s: object accuracy {result['object_accuracy']:.3f}, "
-         f"style accuracy {result['style_accuracy']:.3f}")
+              f"style accuracy {result['style_accuracy']:.3f}; per name {per_name}")
     return result
 
 
@@ -173,7 +186,7 @@ def write_world_json(folder: Path, metrics: dict, seed: int) -> None:
     config = {
         "format": WORLD_FORMAT,
         "seed": seed,
-        "objects": list(data.OBJECTS), "styles": list(data.STYLES),
+        "objects": list(data.OBJECTS), "styles": list(data.STYLES), "names": data.NAMES,
         "object_anchor": data.OBJECT_ANCHOR, "style_anchor": data.STYLE_ANCHOR,
         "train_templates": list(data.TRAIN_TEMPLATES), "heldout_templates": list(data.HELDOUT_TEMPLATES),
         "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE,
