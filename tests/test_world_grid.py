@@ -50,6 +50,9 @@ def test_joint_groups_are_three_of_a_kind_and_all_objects():
     groups = benchmark.joint_groups(w.OBJECTS + w.STYLES)
     assert groups == [w.OBJECTS[:3], w.STYLES[:3], w.OBJECTS]
     assert benchmark.joint_groups(("heart",)) == []
+    retain = benchmark.joint_retain(w.OBJECTS)  # all objects at once: the anchor's cells remain
+    assert len(retain) == len(w.ALL_STYLES) and all(w.OBJECT_ANCHOR in p for p in retain)
+    assert not [p for p in benchmark.joint_retain(w.STYLES[:3]) if any(s in p for s in w.STYLES[:3])]
 
 
 @pytest.mark.parametrize("concept", ["heart", "striped"])

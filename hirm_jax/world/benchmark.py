@@ -67,15 +67,21 @@ def _erase(world, concepts: list[str], method: str, out: Path, preservation_weig
     from hirm_jax.world.demo import erase_config
     config = _configure(erase_config(world, concepts[0], "hirm_s", out), method, preservation_weight)
     if len(concepts) > 1:
-        retain = [w.caption(o, s, w.TRAIN_TEMPLATES[0]) for o in w.OBJECTS for s in w.STYLES
-                  if o not in concepts and s not in concepts]
-        (out / "retain_prompts.txt").write_text("\n".join(retain) + "\n")
+        (out / "retain_prompts.txt").write_text("\n".join(joint_retain(concepts)) + "\n")
         with config.unlocked():
             config.concepts = tuple(name for c in concepts for name in w.trained_names(c))
             config.super_categories = {name: w.super_category(c) for c in concepts for name in w.trained_names(c)}
     shutil.rmtree(out / "erase", ignore_errors=True)
     run = train_and_evaluate(config, out / "erase", keep_trained=True).erased_run()
     return export_full(run, out / "text_encoder", overwrite=True), run
+
+
+def joint_retain(concepts) -> list[str]:
+    """Retain prompts of a joint erasure: the first training template over every cell, anchors
+    included, without the erased concepts (with all objects erased, the anchor's cells remain)."""
+    from hirm_jax import world as w
+    return [w.caption(o, s, w.TRAIN_TEMPLATES[0]) for o in w.ALL_OBJECTS for s in w.ALL_STYLES
+            if o not in concepts and s not in concepts]
 
 
 def _average(runs: list, out: Path) -> Path:
