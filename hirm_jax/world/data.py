@@ -55,6 +55,7 @@ NAMES = {
     OBJECT_ANCHOR: (OBJECT_ANCHOR,),
     STYLE_ANCHOR: (STYLE_ANCHOR,),
 }
+N_NAMES = max(len(v) for v in NAMES.values())  # names per concept (the anchors have one)
 
 
 def names(concept: str) -> tuple:

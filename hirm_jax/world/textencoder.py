@@ -211,9 +211,8 @@ def zero_shot_accuracy(encoder, tower, tower_params, tokenizer, seed, n=1000):
     cells = [(o, s) for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))]
     batch = data.sample(n, seed=seed, split="eval")
     image_emb = _normalize(tower.apply({"params": tower_params}, batch.images))
-    n_names = max(len(v) for v in data.NAMES.values())
     result = {}
-    for k in range(n_names):
+    for k in range(data.N_NAMES):
         scores = 0
         for template in data.HELDOUT_TEMPLATES:
             texts = [data.caption(data.name_of(data.ALL_OBJECTS[o], k), data.name_of(data.ALL_STYLES[s], k), template)
@@ -225,9 +224,9 @@ def zero_shot_accuracy(encoder, tower, tower_params, tokenizer, seed, n=1000):
         pred_style = np.array([cells[b][1] for b in best])
         result[k] = {"object_accuracy": float((pred_obj == batch.objects).mean()),
                      "style_accuracy": float((pred_style == batch.styles).mean())}
-    names = {0: None, n_names - 1: "heldout_name"}
+    names = {0: None, data.N_NAMES - 1: "heldout_name"}
     metrics = dict(result[0])
-    for k in range(1, n_names):
+    for k in range(1, data.N_NAMES):
         metrics[names.get(k, f"name_{k}")] = result[k]
     return metrics
 

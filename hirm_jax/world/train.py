@@ -33,7 +33,6 @@ _log = log.get(__name__)
 SAMPLE_STEPS = 10
 GUIDANCE = 3.0
 DENOISER_POOL = 12000
-N_NAMES = max(len(v) for v in data.NAMES.values())
 TEXT_ENCODER_CHECKPOINT = "text_encoder_checkpoint.msgpack"
 DENOISER_CHECKPOINT = "denoiser_checkpoint.pt"
 
@@ -149,7 +148,7 @@ def evaluate_generation(folder: Path, seeds_per_prompt: int = 12, first_seed: in
                 template = data.HELDOUT_TEMPLATES[k % len(data.HELDOUT_TEMPLATES)]
                 prompts.append(data.caption(data.name_of(obj, k), data.name_of(style, k), template))
                 cells.append((o, s))
-                name_index.append(k % N_NAMES)
+                name_index.append(k % data.N_NAMES)
                 seeds.append(first_seed + len(seeds))
     t0 = time.time()
     images = generate(world, prompts=prompts, seeds=seeds)
@@ -164,9 +163,9 @@ def evaluate_generation(folder: Path, seeds_per_prompt: int = 12, first_seed: in
              for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))}
     # The anchors have one name: per-name figures count the concepts' pictures only.
     concept = (cells[:, 0] < len(data.OBJECTS)) & (cells[:, 1] < len(data.STYLES))
-    per_name = {("own" if k == 0 else "heldout_name" if k == N_NAMES - 1 else f"name_{k}"):
+    per_name = {("own" if k == 0 else "heldout_name" if k == data.N_NAMES - 1 else f"name_{k}"):
                 {"object_accuracy": float(obj_ok[concept & (name_index == k)].mean()),
-                 "style_accuracy": float(sty_ok[concept & (name_index == k)].mean())} for k in range(N_NAMES)}
+                 "style_accuracy": float(sty_ok[concept & (name_index == k)].mean())} for k in range(data.N_NAMES)}
     result = {"object_accuracy": float(obj_ok.mean()), "style_accuracy": float(sty_ok.mean()),
               "per_name": per_name, "images": len(prompts), "generation_seconds": seconds,
               "per_cell_object_style_accuracy": table}
