@@ -80,8 +80,8 @@ def joint_retain(concepts) -> list[str]:
     """Retain prompts of a joint erasure: the first training template over every cell, anchors
     included, without the erased concepts (with all objects erased, the anchor's cells remain)."""
     from hirm_jax import world as w
-    return [w.caption(o, s, w.TRAIN_TEMPLATES[0]) for o in w.ALL_OBJECTS for s in w.ALL_STYLES
-            if o not in concepts and s not in concepts]
+    from hirm_jax.world.demo import retain_prompts
+    return retain_prompts(concepts, w.ALL_OBJECTS, w.ALL_STYLES)
 
 
 def _average(runs: list, out: Path) -> Path:

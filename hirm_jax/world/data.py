@@ -80,6 +80,10 @@ def name_of(concept: str, k: int) -> str:
     return names(concept)[k % len(names(concept))]
 
 
+def name_key(k: int) -> str:
+    """The key of name number k in per-name metrics: "own", "name_1", ..., "heldout_name"."""
+    return "own" if k == 0 else "heldout_name" if k == N_NAMES - 1 else f"name_{k}"
+
 
 def concept_kind(concept: str) -> str:
     """"object" or "style"; anything else is a ConfigError listing the world's concepts."""
@@ -143,6 +147,11 @@ def caption(obj: str, style: str, template: str) -> str:
     """Fill a template, fixing the article ("a outline" -> "an outline")."""
     text = template.format(object=obj, style=style)
     return re.sub(r"(^|\s)an? (\w+)", _article, text)
+
+
+def cell_captions(obj: str, style: str, templates=TRAIN_TEMPLATES) -> list:
+    """Every caption of a cell: each template with each name of the object and of the style."""
+    return [caption(a, b, t) for t in templates for a in names(obj) for b in names(style)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,14 +71,21 @@ def erase_config(world, concept: str, method: str, workdir: Path):
         c.templates = tuple(w.caption("{}", s, t) for t in w.TRAIN_TEMPLATES[:1] for s in w.STYLES)
     else:
         c.templates = tuple(w.caption(o, "{}", t) for t in w.TRAIN_TEMPLATES[:1] for o in w.OBJECTS)
-    retain = [w.caption(o, s, t) for t in w.TRAIN_TEMPLATES[:1] for o in w.OBJECTS for s in w.STYLES
-              if concept not in (o, s)]
+    retain = retain_prompts((concept,), w.OBJECTS, w.STYLES)
     retain_file = workdir / "retain_prompts.txt"
     retain_file.parent.mkdir(parents=True, exist_ok=True)
     retain_file.write_text("\n".join(retain) + "\n")
     with c.unlocked():
         c.preservation.prompts_file = str(retain_file)
     return c
+
+
+def retain_prompts(concepts, objects, styles) -> list[str]:
+    """The first training template over every (object, style) cell given, without the cells of
+    the erased concepts."""
+    from hirm_jax import world as w
+    return [w.caption(o, s, w.TRAIN_TEMPLATES[0]) for o in objects for s in styles
+            if o not in concepts and s not in concepts]
 
 
 def benchmark_grid(seeds_per_cell: int, synonyms_of=()) -> list[dict]:

@@ -185,8 +185,7 @@ class _Batches:
         self.texts, starts, counts = [], [], []
         for obj in data.ALL_OBJECTS:  # every cell's captions (all names, all templates) in one run
             for style in data.ALL_STYLES:
-                cell = [data.caption(a, b, t) for t in data.TRAIN_TEMPLATES
-                        for a in data.names(obj) for b in data.names(style)]
+                cell = data.cell_captions(obj, style)
                 starts.append(len(self.texts))
                 counts.append(len(cell))
                 self.texts += cell

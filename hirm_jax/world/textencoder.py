@@ -72,8 +72,7 @@ def caption_table(tokenizer):
     rows = []
     for o, obj in enumerate(data.ALL_OBJECTS):
         for s, style in enumerate(data.ALL_STYLES):
-            rows += [(data.caption(a, b, t), o, s) for t in data.TRAIN_TEMPLATES
-                     for a in data.names(obj) for b in data.names(style)]
+            rows += [(text, o, s) for text in data.cell_captions(obj, style)]
         rows += [(data.caption(a, "", t), o, -1) for t in data.OBJECT_ONLY_TEMPLATES for a in data.names(obj)]
     for s, style in enumerate(data.ALL_STYLES):
         rows += [(data.caption("", b, t), -1, s) for t in data.STYLE_ONLY_TEMPLATES for b in data.names(style)]
@@ -201,13 +200,15 @@ def train_text_encoder(tokenizer, recipe: Optional[TextEncoderRecipe] = None, po
     metrics.update(train_seconds=time.time() - t0, steps=recipe.steps, resumed_at_step=start)
     _log.info(f"[text encoder] zero-shot held-out accuracy (own names): object {metrics['object_accuracy']:.4f} "
               f"style {metrics['style_accuracy']:.4f}; held-out synonyms: object "
-              f"{metrics['heldout_name']['object_accuracy']:.4f} style {metrics['heldout_name']['style_accuracy']:.4f}")
+              f"{metrics['per_name']['heldout_name']['object_accuracy']:.4f} style "
+              f"{metrics['per_name']['heldout_name']['style_accuracy']:.4f}")
     return encoder, metrics
 
 
 def zero_shot_accuracy(encoder, tower, tower_params, tokenizer, seed, n=1000):
     """Classify held-out pictures by the nearest held-out-template caption of every cell, once
-    with every class's own name and once per further name (`name_1`, ..., the last `heldout_name`)."""
+    with every class's own name (the top-level figures) and once per name (`per_name`, keyed by
+    data.name_key: own, name_1, ..., heldout_name)."""
     cells = [(o, s) for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))]
     batch = data.sample(n, seed=seed, split="eval")
     image_emb = _normalize(tower.apply({"params": tower_params}, batch.images))
@@ -224,11 +225,7 @@ def zero_shot_accuracy(encoder, tower, tower_params, tokenizer, seed, n=1000):
         pred_style = np.array([cells[b][1] for b in best])
         result[k] = {"object_accuracy": float((pred_obj == batch.objects).mean()),
                      "style_accuracy": float((pred_style == batch.styles).mean())}
-    names = {0: None, data.N_NAMES - 1: "heldout_name"}
-    metrics = dict(result[0])
-    for k in range(1, data.N_NAMES):
-        metrics[names.get(k, f"name_{k}")] = result[k]
-    return metrics
+    return dict(result[0], per_name={data.name_key(k): result[k] for k in range(data.N_NAMES)})
 
 
 def save_half(encoder: TextEncoder, out_dir, overwrite: bool = False) -> TextEncoder:

@@ -163,7 +163,7 @@ def evaluate_generation(folder: Path, seeds_per_prompt: int = 12, first_seed: in
              for o in range(len(data.ALL_OBJECTS)) for s in range(len(data.ALL_STYLES))}
     # The anchors have one name: per-name figures count the concepts' pictures only.
     concept = (cells[:, 0] < len(data.OBJECTS)) & (cells[:, 1] < len(data.STYLES))
-    per_name = {("own" if k == 0 else "heldout_name" if k == data.N_NAMES - 1 else f"name_{k}"):
+    per_name = {data.name_key(k):
                 {"object_accuracy": float(obj_ok[concept & (name_index == k)].mean()),
                  "style_accuracy": float(sty_ok[concept & (name_index == k)].mean())} for k in range(data.N_NAMES)}
     result = {"object_accuracy": float(obj_ok.mean()), "style_accuracy": float(sty_ok.mean()),
