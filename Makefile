@@ -7,8 +7,10 @@ TF4_VENV ?= .venv-tf4
 BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU build (a plain "torch" would pull a multi-GB CUDA build).
 TORCH := torch==2.13.0
+# Test processes (pytest-xdist): two keep both cores busy through compilations and Python work.
+TEST_WORKERS ?= 2
 
-.PHONY: demo test setup bench clean-venv
+.PHONY: demo test setup bench mutation clean-venv
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +35,7 @@ demo: $(BIN)/.installed
 	$(BIN)/hirm-jax demo --workdir workdirs/demo
 
 test: $(BIN)/.installed $(TF4_VENV)/.installed
-	HIRM_JAX_NO_SKIP=1 HIRM_TF4_PYTHON=$(CURDIR)/$(TF4_VENV)/bin/python $(BIN)/python -m pytest -q -rs tests
+	HIRM_JAX_NO_SKIP=1 HIRM_TF4_PYTHON=$(CURDIR)/$(TF4_VENV)/bin/python $(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) tests
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_encoder.py
@@ -44,6 +46,10 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_many.py
 	$(BIN)/python bench/bench_t5.py
 	$(BIN)/python bench/bench_t5_memory.py --json workdirs/bench_t5_memory.json
+
+# Mutation testing of the core modules (hours on 2 cores; not in CI): tests/mutation.py.
+mutation: $(BIN)/.installed
+	$(BIN)/python tests/mutation.py --out workdirs/mutation
 
 clean-venv:
 	rm -rf $(VENV) $(TF4_VENV)

@@ -46,7 +46,7 @@ setup(
     extras_require={
         "torch": ["torch>=2.2", "diffusers>=0.30", "accelerate>=0.30"],
         "eval": ["nudenet==3.4.2", "onnxruntime>=1.16"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],
     },
     entry_points={"console_scripts": ["hirm-jax=hirm_jax.cli:main"]},
 )

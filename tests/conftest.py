@@ -55,3 +55,12 @@ def pytest_sessionfinish(session, exitstatus):
         print("\nHIRM_JAX_NO_SKIP=1 and these tests skipped (make test runs every test):\n  "
               + "\n  ".join(_unexpected_skips))
         session.exitstatus = 1
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests (a `seconds=` on their `slow` mark) first, longest first: under
+    `make test`'s two workers (pytest-xdist) they run beside the rest instead of after it."""
+    def seconds(item):
+        mark = item.get_closest_marker("slow")
+        return mark.kwargs.get("seconds", 0) if mark else 0
+    items.sort(key=seconds, reverse=True)  # stable: the others keep their order

@@ -7,7 +7,7 @@ import pytest
 from hirm_jax.config_lib import ConfigError
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_demo_erases_the_concept_and_keeps_the_rest(tmp_path):
     # As `make demo` runs it: its own process, one CPU device (the test process's 8 fake devices
     # made it about twice as slow on 2 cores).

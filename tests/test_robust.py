@@ -111,7 +111,7 @@ def test_batch_robust_erasure_keeps_frozen_weights_moves_the_attack_and_resumes_
         assert all(k.startswith("encoder/layers/0/") for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_robust_erasure_resists_a_token_attack_it_did_not_train_against(encoder_dir, tmp_path):
     # Trained against the continuous attack; attacked with GCG (another family, another budget),
     # with the same search against the plain HiRM-S erasure as the comparison.
@@ -131,7 +131,7 @@ def test_robust_erasure_resists_a_token_attack_it_did_not_train_against(encoder_
     assert cos["robust"] < cos["plain"] - 0.02, cos
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=220)
 def test_world_benchmark_measures_attack_success_and_robust_hirm_lowers_it(tmp_path):
     # `hirm-jax eval --suite=demo-world --attacks`: the GCG attack (4 tokens) brings hearts back
     # through plain HiRM-S far more often than through robust HiRM-S, which trained against

@@ -81,6 +81,18 @@ def test_optimizer_state_only_for_trainable_leaves():
     assert trainable_size < 0.5 * sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
+def test_block_indices_are_checked_at_both_ends():
+    params, modules = TextEncoder.init(TINY).params, tiny.get_config().train.trainable_modules
+    first = masking.trainable_paths(params, (0,), modules)
+    assert first and all(p.startswith("encoder/layers/0/") for p in first)
+    assert masking.trainable_paths(params, (-TINY.num_hidden_layers,), modules) == first  # -3 of 3 blocks: block 0
+    last = masking.trainable_paths(params, (TINY.num_hidden_layers - 1,), modules)
+    assert last and all(p.startswith(f"encoder/layers/{TINY.num_hidden_layers - 1}/") for p in last)
+    for bad in (TINY.num_hidden_layers, -TINY.num_hidden_layers - 1):
+        with pytest.raises(ConfigError, match=rf"index the 3 blocks but has \[{bad}\]"):
+            masking.trainable_paths(params, (bad,), modules)
+
+
 def test_step_traces_once_and_frozen_is_untouched():
     enc = TextEncoder.init(TINY)
     trainable, frozen = masking.split(enc.params, masking.trainable_paths(enc.params, (0,), ("mlp",)))

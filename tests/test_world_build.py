@@ -47,7 +47,7 @@ def test_every_caption_fits_and_a_long_one_is_refused(tokenizer, monkeypatch):
         textencoder.caption_table(tokenizer)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_text_encoder_training_resumes_bit_identical(tokenizer, tmp_path, monkeypatch):
     recipe = textencoder.TextEncoderRecipe(steps=4, batch=8, pool_size=64, checkpoint_every=2, log_every=2)
     pool = data.sample(64, seed=0)

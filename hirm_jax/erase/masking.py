@@ -26,8 +26,8 @@ def unflatten(flat: dict) -> dict:
     return traverse_util.unflatten_dict(flat, sep=SEP)
 
 
-def trainable_paths(params, blocks: Sequence[int] = (0,), modules: Sequence[str] = (),
-                    regex: str = "", architecture=None) -> list[str]:
+def trainable_paths(params, blocks: Sequence[int], modules: Sequence[str], regex: str = "",
+                    architecture=None) -> list[str]:
     """Paths of the leaves that train: `regex` if given, else `modules` of `blocks`.
 
     `architecture` (`hirm_jax.encoder.architectures.Architecture`, default CLIP) says where the blocks
