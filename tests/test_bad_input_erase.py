@@ -166,6 +166,27 @@ def test_token_ids_beyond_the_vocabulary_name_the_prompt(encoder_dir, tmp_path, 
     assert not (tmp_path / "w").exists()
 
 
+def test_the_first_id_past_the_vocabulary_is_refused_the_last_one_in_it_is_not():
+    from types import SimpleNamespace
+    from hirm_jax.config_lib import ConfigError
+    from hirm_jax.erase.jobs import check_token_ids
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda i: f"tok{i}")
+    check_token_ids(np.array([[0, 524]]), ["ok"], 525, tokenizer)
+    with pytest.raises(ConfigError, match=r"prompt 'x' has token 'tok525' with id 525, but the encoder's vocab_size is 525"):
+        check_token_ids(np.array([[0, 1], [3, 525]]), ["ok", "x"], 525, tokenizer)
+
+
+@pytest.mark.parametrize("rows, bad", [(["with_concept\twithout_concept"], "rows []"),
+                                       (["a painting by van gogh\ta painting", "van gogh"], "rows [2]")])
+def test_vector_pairs_rows_must_hold_two_prompts(encoder_dir, tmp_path, capsys, rows, bad):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("\n".join(rows) + "\n")
+    assert erase(tmp_path / "w", encoder_dir, "--config.objective.name=hirm_s_vector",
+                 f"--config.objective.vector_pairs_file={pairs}") == 2
+    one_error_line(capsys, str(pairs), "2 tab-separated prompts", bad)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.slow
 def test_nan_loss_before_any_checkpoint_never_says_step_none(encoder_dir, tmp_path, capsys):
     assert erase(tmp_path / "w", encoder_dir, "--config.objective.scale=inf", "--config.train.epochs=1") == 2

@@ -108,6 +108,33 @@ def test_t5_mlp_out_is_the_dense_relu_dense_output():
         np.testing.assert_allclose(np.asarray(flax_out["mlp_out"][i]), reference, atol=2e-5)
 
 
+def test_misdirection_loss_is_the_weighted_mean_squared_distance_and_padded_rows_do_not_count():
+    from hirm_jax.erase.objectives import misdirection_loss
+    rng = np.random.default_rng(0)
+    rep, target = rng.normal(size=(3, 5, 4)).astype(np.float32), rng.normal(size=(3, 5, 4)).astype(np.float32)
+    weights = np.array([[0, 1, 1, 1, 1], [0, 1, 0, 0, 0], [1, 1, 1, 1, 1]], np.float32)
+    per_row = [sum(weights[i, t] * np.sum((rep[i, t] - target[i, t]) ** 2) for t in range(5)) / weights[i].sum()
+               for i in range(3)]
+    np.testing.assert_allclose(misdirection_loss(rep, target, weights), np.mean(per_row), rtol=1e-6)
+    # a batch padded to a static shape: the padding row (example weight 0) changes nothing
+    np.testing.assert_allclose(misdirection_loss(rep, target, weights, np.array([1, 1, 0], np.float32)),
+                               np.mean(per_row[:2]), rtol=1e-6)
+    np.testing.assert_allclose(misdirection_loss(rep, target, weights, np.array([0, 1, 0], np.float32)),
+                               per_row[1], rtol=1e-6)
+
+
+def test_position_weights_cover_the_positions_the_rule_names():
+    from hirm_jax.erase.objectives import position_weights
+    ids = jnp.array([[49406, 320, 49407, 49407], [49406, 320, 1125, 49407]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    expected = {"all": [[1, 1, 1, 1]] * 2, "all_but_bos": [[0, 1, 1, 1]] * 2,
+                "non_padding_but_bos": [[0, 1, 1, 0], [0, 1, 1, 1]]}
+    for rule, want in expected.items():
+        np.testing.assert_array_equal(position_weights(ids, mask, rule, "last_mlp_out"), want)
+    for hook in ("pooled", "text_embeds"):  # one vector per prompt: one weight
+        np.testing.assert_array_equal(position_weights(ids, mask, "all_but_bos", hook), [[1], [1]])
+
+
 def test_hirm_r_targets_are_per_concept_per_hook_of_norm_c_and_reproducible(clip):
     encoder, _ = clip
     tokenizer = tiny_tokenizer()

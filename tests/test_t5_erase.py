@@ -245,6 +245,12 @@ def test_t5_hirm_s_vector_with_frozen_leaves_split_over_fsdp(t5_dir, tmp_path):
     assert set(json.loads((workdir / "run.json").read_text())["trainable_paths"]) == TRAINED
 
 
+def test_t5_robust_erasure_is_refused_until_t5_has_an_attack(t5_dir, tmp_path, capsys):
+    assert erase(tmp_path / "w", t5_dir, "--config.objective.adversarial.enabled=True") == 2
+    assert "objective.adversarial needs a CLIP text encoder; the t5 encoder" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_t5_prompt_longer_than_max_length_is_an_error_naming_it(t5_dir, tmp_path, capsys):
     long_template = "an image in the style of {} " + "on a hill at night " * 4
     assert erase(tmp_path / "w", t5_dir, f"--config.templates=('{{}}', '{long_template}')") != 0
