@@ -66,7 +66,10 @@ MODULES = {
         "tests/test_bad_input_erase.py::test_token_ids_beyond_the_vocabulary_name_the_prompt",
         "tests/test_bad_input_erase.py::test_vector_pairs_rows_must_hold_two_prompts",
         "tests/test_bad_input_erase.py::test_the_first_id_past_the_vocabulary_is_refused_the_last_one_in_it_is_not",
-        "tests/test_t5_erase.py::test_t5_robust_erasure_is_refused_until_t5_has_an_attack"]),
+        "tests/test_t5_erase.py::test_t5_robust_erasure_is_refused_until_t5_has_an_attack",
+        _S + "test_prompts_encode_in_chunks_of_at_most_two_compiled_shapes",
+        _M + "test_a_concepts_random_key_is_the_seed_folded_with_the_crc32_of_its_name",
+        _M + "test_hirm_s_vector_targets_are_the_prompt_minus_the_mean_pair_difference"]),
     "sharding": ("hirm_jax/erase/sharding.py", [
         _S + "test_mesh_rules", _S + "test_data_and_fsdp_parallel_equal_single_device",
         _S + "test_batch_erasure_equals_solo_and_output_shardings", _S + "test_auto_chunk_is_the_largest_that_fits_the_budget"]),

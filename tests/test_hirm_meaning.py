@@ -135,6 +135,16 @@ def test_position_weights_cover_the_positions_the_rule_names():
         np.testing.assert_array_equal(position_weights(ids, mask, "all_but_bos", hook), [[1], [1]])
 
 
+def test_a_concepts_random_key_is_the_seed_folded_with_the_crc32_of_its_name():
+    # documented in docs/erase.md: the same (seed, name) draws the same HiRM-R targets in every run and release
+    import zlib
+    from hirm_jax.erase.jobs import concept_key
+    for name in ("Van Gogh", "nudity", "\u00e9t\u00e9"):
+        crc = zlib.crc32(name.encode("utf-8"))
+        expected = jax.random.fold_in(jax.random.key(7), crc & 0x7FFFFFFF)
+        np.testing.assert_array_equal(jax.random.key_data(concept_key(7, name)), jax.random.key_data(expected))
+
+
 def test_hirm_r_targets_are_per_concept_per_hook_of_norm_c_and_reproducible(clip):
     encoder, _ = clip
     tokenizer = tiny_tokenizer()
@@ -229,6 +239,24 @@ def test_one_step_of_each_objective_and_hook_equals_a_pytorch_computation(clip, 
     with torch.no_grad():  # undo the step: the module-scoped model serves the next case
         for p, torch_param in zip(sorted(grads), block0):
             torch_param.copy_(torch.from_numpy(table[p][1].to_hf(np.asarray(trainable[p]))))
+
+
+@pytest.mark.parametrize("hook", ["last_mlp_out", "text_embeds"])
+def test_hirm_s_vector_targets_are_the_prompt_minus_the_mean_pair_difference(clip, tmp_path, hook):
+    encoder, model = clip
+    pairs = [("a painting by Van Gogh", "a painting"), ("Van Gogh", "art"), ("Van Gogh at night", "night")]
+    pairs_file = tmp_path / "pairs.tsv"  # with the header row a spreadsheet writes
+    pairs_file.write_text("with_concept\twithout_concept\n" + "".join(f"{a}\t{b}\n" for a, b in pairs))
+    config = erase_config("hirm_s_vector", hook)
+    config.concepts = ("Van Gogh",)
+    config.objective.vector_pairs_file = str(pairs_file)
+    tokenizer = tiny_tokenizer()
+    jobs = build_jobs(config, encoder, tokenizer, prompts.concepts_from_config(config))
+    rep = lambda texts: torch_rep(model, tokenizer(list(texts), padding="max_length", max_length=77,
+                                                   return_tensors="np")["input_ids"], hook).detach().numpy()
+    v = np.mean(rep(a for a, _ in pairs) - rep(b for _, b in pairs), axis=0)  # Ring-A-Bell's concept vector
+    expected = config.objective.scale * (rep(p.prompt for p in jobs.prompt_pairs[0]) - v)
+    np.testing.assert_allclose(np.asarray(jobs.per_job["targets"][hook])[0], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

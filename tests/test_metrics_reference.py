@@ -91,9 +91,12 @@ def test_proportion_and_mean_carry_their_textbook_intervals():
     half = 1.959963984540054 * statistics.stdev(values) / 2  # 1.96 standard errors, n = 4
     assert (m.value, m.n, m.interval_method, m.unit) == (2.5, 4, "normal95", "cosine")
     assert m.interval == pytest.approx((2.5 - half, 2.5 + half), abs=1e-12)
+    two = mean_metric("score", [1.0, 3.0], True)  # the fewest values with a spread
+    assert two.interval == pytest.approx((2.0 - 1.959963984540054, 2.0 + 1.959963984540054), abs=1e-12)
+    assert two.interval_method == "normal95"
     one = mean_metric("score", [0.3], True)
     assert (one.value, one.interval, one.interval_method) == (0.3, None, None)  # no spread from one value
-    assert mean_metric("score", [], True).value is None
+    assert (mean_metric("score", [], True).value, mean_metric("score", [], True).n) == (None, 0)
 
 
 def test_bootstrap_interval_of_a_mean_is_close_to_the_normal_one():
@@ -104,11 +107,15 @@ def test_bootstrap_interval_of_a_mean_is_close_to_the_normal_one():
     assert low < data.mean() < high
     assert (high - low) == pytest.approx(2 * 1.96 * se, rel=0.08)  # a 90% interval would be 16% narrower
     assert (low + high) / 2 == pytest.approx(data.mean(), abs=0.2 * se)
+    # the first drawn index is uniform on 0..999: its 2.5% and 97.5% quantiles are 25 and 974
+    first = bootstrap_interval(lambda idx: float(idx[0]), 1000, resamples=20000, seed=2)
+    assert first == pytest.approx((25, 974), abs=4)
     narrow = bootstrap_interval(mean_of, len(data), resamples=2000, seed=1, alpha=0.5)
     assert low < narrow[0] < narrow[1] < high  # a 50% interval sits inside the 95% one
     assert bootstrap_interval(mean_of, len(data), 50) == bootstrap_interval(mean_of, len(data), 50, seed=0)
     two = np.array([0.0, 1.0])  # two values can be resampled: every index drawn, both extremes in the tails
     assert bootstrap_interval(lambda idx: two[idx].mean(), 2, resamples=200) == (0.0, 1.0)
+    assert bootstrap_interval(mean_of, 10, resamples=1)[0] == bootstrap_interval(mean_of, 10, resamples=1)[1]
     assert bootstrap_interval(mean_of, 10, resamples=0) is None
     assert bootstrap_interval(mean_of, 1, resamples=10) is None
 

@@ -63,6 +63,23 @@ def assert_close(a, b, tol=1e-4):
             np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol, err_msg=k)
 
 
+def test_prompts_encode_in_chunks_of_at_most_two_compiled_shapes():
+    from hirm_jax.encoder.clip import TextEncoder, TextEncoderConfig
+    from hirm_jax.erase.jobs import ENCODE_CHUNK, encode_in_chunks
+    encoder = TextEncoder.init(TextEncoderConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8))
+    encode = jax.jit(lambda p, i, m: {"last": encoder.apply(p, i)["last_hidden_state"]})
+    for n in (ENCODE_CHUNK + 6, 2 * ENCODE_CHUNK + 2):
+        ids = np.random.default_rng(n).integers(0, 100, (n, 8)).astype(np.int32)
+        out = encode_in_chunks(encode, encoder.params, ids, np.ones_like(ids))["last"]
+        np.testing.assert_allclose(out, np.asarray(encoder.apply(encoder.params, ids)["last_hidden_state"]),
+                                   rtol=1e-5, atol=1e-5)
+    assert encode._cache_size() == 1  # every chunk, the padded last one too, has ENCODE_CHUNK rows
+    few = np.zeros((3, 8), np.int32)
+    assert encode_in_chunks(encode, encoder.params, few, few)["last"].shape == (3, 8, 32)
+    assert encode._cache_size() == 2  # fewer than a chunk: their own shape, unpadded
+
+
 @pytest.mark.slow
 def test_data_and_fsdp_parallel_equal_single_device(encoder_dir, tmp_path):
     # 3 templates x 2 concepts = 6 prompts per step... use 2 templates x 2 concepts = 4, split over data=4
