@@ -144,3 +144,23 @@ def test_bfloat16_compute_stays_close_to_float32():
         assert np.isfinite(g).all(), name
         # bf16 keeps 8 bits of mantissa: relative error of a few 1e-3 per op, loosely bounded here.
         assert np.abs(g - w).max() <= 0.05 * np.abs(w).max() + 1e-2, name
+
+
+def test_reference_configs_have_the_published_shapes():
+    # openai/clip-vit-large-patch14 (SD 1.x), OpenCLIP ViT-H-14 as SD 2 stores it (23 of 24 layers),
+    # OpenCLIP ViT-bigG-14 with its projection (SDXL text_encoder_2): numbers from their config.json files
+    published = {"clip_l": (49408, 768, 3072, 12, 12, 77, "quick_gelu", None),
+                 "openclip_h": (49408, 1024, 4096, 23, 16, 77, "gelu", None),
+                 "openclip_bigg": (49408, 1280, 5120, 32, 20, 77, "gelu", 1280)}
+    for name, expected in published.items():
+        c = getattr(TextEncoderConfig, name)()
+        assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                c.max_position_embeddings, c.hidden_act, c.projection_dim) == expected, name
+        assert (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.layer_norm_eps) == (49406, 49407, 1, 1e-5)
+
+
+def test_config_sizes_must_be_positive_and_the_smallest_one_is_valid():
+    for bad in (dict(hidden_size=0), dict(num_attention_heads=0), dict(hidden_size=-64, num_attention_heads=1)):
+        with pytest.raises(ValueError, match="must be positive"):
+            TextEncoderConfig(**bad)
+    TextEncoderConfig(hidden_size=1, intermediate_size=4, num_attention_heads=1)
